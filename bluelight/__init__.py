@@ -1,0 +1,1 @@
+"""Bluelight command line and one-box orchestration."""

@@ -1,0 +1,3 @@
+from bluelight.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""`bluelight`: one command line, a subcommand group per role. Each group lives with
+its runtime and only parses arguments; library errors become one-line messages."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from edge_agent.errors import BluelightError
+
+
+class BluelightGroup(click.Group):
+    """Turns library errors into one-line CLI errors with a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BluelightError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=BluelightGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="Debug log output.")
+def cli(verbose: int) -> None:
+    """Bluelight: signed telemetry over mutual-TLS MQTT, a fusing gateway, officer alerts."""
+    level = logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _register() -> None:
+    from bluelight.broker_cli import broker
+    from certs.cli import pki
+    from edge_agent.cli import agent
+    from gateway.cli import gateway, tail
+
+    for command in (pki, broker, agent, gateway, tail):
+        cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="bluelight")

@@ -1,0 +1,400 @@
+"""A two-level PKI on disk: root CA -> issuing CA -> broker, gateway, devices, people.
+
+Layout of a PKI directory (every `*.key` is written 0600)::
+
+    root-ca.crt   private/root-ca.key     (the root key can be moved offline)
+    issuing-ca.crt private/issuing-ca.key
+    ca.pem        trust bundle: issuing CA + root CA
+    crl.pem       the issuing CA's certificate revocation list
+    broker.crt    private/broker.key      (server certificate, chain included)
+    issued/ID.crt issued/ID.key issued/ID.chain.pem
+    index.json    who was issued what, and what is revoked
+
+An identity's id is its certificate's CN; its role is the OU.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from edge_agent.errors import BluelightError
+from edge_agent.wire.ids import InvalidId, Role, check_id
+
+CRL_LIFETIME = dt.timedelta(days=30)
+CA_LIFETIME = dt.timedelta(days=3650)
+DEFAULT_HOSTS = ("localhost", "127.0.0.1")
+DEFAULT_GATEWAY_ID = "gateway"
+
+
+class PkiError(BluelightError):
+    """A PKI operation that cannot be done; the message says what to do instead."""
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
+    """Write atomically; secrets are created 0600 and never readable by others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def new_key() -> ec.EllipticCurvePrivateKey:
+    """A P-256 key: accepted by browsers for TLS and ~2x faster to verify than Ed25519."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def make_csr(identity: str, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """What a device sends to enrol: a CSR for its own key, which never leaves it."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, check_id(identity))])
+    csr = x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256())
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def role_of(cert: x509.Certificate) -> Role | None:
+    """The role a certificate carries in its OU, if any."""
+    ous = cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)
+    try:
+        return Role(str(ous[0].value)) if ous else None
+    except ValueError:
+        return None
+
+
+def id_of(cert: x509.Certificate) -> str:
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(cns[0].value) if cns else ""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Where one identity's certificate, key and chain live."""
+
+    id: str
+    cert: Path
+    key: Path
+    chain: Path
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A PKI directory. Methods that write are the CLI's `pki init/issue/revoke`."""
+
+    root: Path
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def issuing_cert(self) -> Path:
+        return self.root / "issuing-ca.crt"
+
+    @property
+    def broker(self) -> Identity:
+        return Identity("broker", self.root / "broker.crt", self.root / "private/broker.key", self.root / "broker.crt")
+
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.json"
+
+    def identity(self, identity: str) -> Identity:
+        base = self.root / "issued" / check_id(identity)
+        ident = Identity(identity, base.with_suffix(".crt"), base.with_suffix(".key"), Path(f"{base}.chain.pem"))
+        return ident
+
+    def require(self) -> Pki:
+        """Raise `PkiError` unless this directory holds an initialised PKI."""
+        for path in (self.ca_bundle, self.crl, self.issuing_cert, self.index_path):
+            if not path.is_file():
+                raise PkiError(f"no PKI at {self.root} (missing {path.name}): run 'bluelight pki init --dir {self.root}'")
+        return self
+
+    def require_identity(self, identity: str) -> Identity:
+        ident = self.identity(identity)
+        for path in (ident.chain, ident.key):
+            if not path.is_file():
+                raise PkiError(
+                    f"no certificate for {identity!r} in {self.root}: "
+                    f"run 'bluelight pki issue --dir {self.root} --role ROLE --id {identity}'"
+                )
+        return ident
+
+    # -- index ---------------------------------------------------------------
+    def index(self) -> dict[str, dict[str, Any]]:
+        data: dict[str, dict[str, Any]] = json.loads(self.index_path.read_text())
+        return data
+
+    def _save_index(self, index: dict[str, dict[str, Any]]) -> None:
+        _write(self.index_path, json.dumps(index, indent=2, sort_keys=True).encode())
+
+    def _issuer(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = x509.load_pem_x509_certificate(self.issuing_cert.read_bytes())
+        key_path = self.root / "private/issuing-ca.key"
+        if not key_path.is_file():
+            raise PkiError(f"issuing CA key not found at {key_path}: issue on the machine that holds it")
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+
+    # -- operations ----------------------------------------------------------
+    def init(self, *, hosts: Iterable[str] = DEFAULT_HOSTS, gateway_id: str = DEFAULT_GATEWAY_ID) -> None:
+        """Create the root and issuing CAs, an empty CRL, the broker's and gateway's certificates."""
+        if self.index_path.exists():
+            raise PkiError(f"a PKI already exists at {self.root}; use another --dir or delete it first")
+        hosts = tuple(hosts)
+        now = _now()
+        root_key, issuing_key = new_key(), new_key()
+        root_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bluelight Root CA")])
+        issuing_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bluelight Issuing CA")])
+        root = (
+            _ca_builder(root_name, root_name, root_key.public_key(), now, path_length=1)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(root_key.public_key()), critical=False)
+            .sign(root_key, hashes.SHA256())
+        )
+        issuing = (
+            _ca_builder(issuing_name, root_name, issuing_key.public_key(), now, path_length=0)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(issuing_key.public_key()), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+            )
+            .sign(root_key, hashes.SHA256())
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)
+        _write(self.root / "private/root-ca.key", _key_pem(root_key), secret=True)
+        _write(self.root / "private/issuing-ca.key", _key_pem(issuing_key), secret=True)
+        os.chmod(self.root / "private", 0o700)
+        _write(self.root / "root-ca.crt", _pem(root))
+        _write(self.issuing_cert, _pem(issuing))
+        _write(self.ca_bundle, _pem(issuing) + _pem(root))
+        self._save_index({})
+        self.write_crl()
+        broker_key = new_key()
+        broker_cert = self._sign(broker_key.public_key(), "broker", Role.GATEWAY, server_hosts=hosts, record=False)
+        _write(self.broker.key, _key_pem(broker_key), secret=True)
+        _write(self.broker.cert, _pem(broker_cert) + _pem(issuing))
+        self.issue(Role.GATEWAY, gateway_id, server_hosts=hosts)
+
+    def issue(
+        self,
+        role: Role,
+        identity: str,
+        *,
+        validity: dt.timedelta = dt.timedelta(days=365),
+        not_before: dt.datetime | None = None,
+        server_hosts: Iterable[str] = (),
+    ) -> Identity:
+        """Development and test path: generate a key here and certify it. Devices in
+        the field enrol with `sign_csr` instead, keeping their key."""
+        self.require()
+        ident = self.identity(identity)
+        key = new_key()
+        cert = self._sign(
+            key.public_key(), identity, role, validity=validity, not_before=not_before, server_hosts=server_hosts
+        )
+        _write(ident.key, _key_pem(key), secret=True)
+        self._write_cert(ident, cert)
+        return ident
+
+    def sign_csr(self, csr_pem: bytes, role: Role, *, validity: dt.timedelta = dt.timedelta(days=365)) -> bytes:
+        """Enrolment: certify the key in a device's CSR. Returns the certificate chain PEM."""
+        self.require()
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem)
+        except ValueError:
+            raise PkiError("not a PEM certificate signing request") from None
+        if not csr.is_signature_valid:
+            raise PkiError("the CSR's signature does not verify")
+        public_key = csr.public_key()
+        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
+            raise PkiError("the CSR must carry a P-256 key")
+        identity = id_of_name(csr.subject)
+        cert = self._sign(public_key, identity, role, validity=validity)
+        ident = self.identity(identity)
+        self._write_cert(ident, cert)
+        return ident.chain.read_bytes()
+
+    def revoke(self, identity: str) -> None:
+        """Revoke every certificate issued to `identity` and rewrite the CRL."""
+        self.require()
+        index = self.index()
+        entry = index.get(check_id(identity))
+        if entry is None:
+            raise PkiError(f"{identity!r} was never issued a certificate in {self.root}")
+        if entry.get("revoked_at") is None:
+            entry["revoked_at"] = _now().isoformat()
+            self._save_index(index)
+        self.write_crl()
+
+    def revoked_ids(self) -> set[str]:
+        return {k for k, v in self.index().items() if v.get("revoked_at")}
+
+    def write_crl(self) -> None:
+        """(Re)sign the CRL from the index; run it before `next_update` passes."""
+        cert, key = self._issuer()
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + CRL_LIFETIME)
+        )
+        for entry in self.index().values():
+            if not entry.get("revoked_at"):
+                continue
+            revoked_at = dt.datetime.fromisoformat(entry["revoked_at"])
+            for serial in entry["serials"]:
+                builder = builder.add_revoked_certificate(
+                    x509.RevokedCertificateBuilder().serial_number(int(serial)).revocation_date(revoked_at).build()
+                )
+        crl = builder.sign(key, hashes.SHA256())
+        _write(self.crl, crl.public_bytes(serialization.Encoding.PEM))
+
+    # -- internals -----------------------------------------------------------
+    def _write_cert(self, ident: Identity, cert: x509.Certificate) -> None:
+        _write(ident.cert, _pem(cert))
+        _write(ident.chain, _pem(cert) + self.issuing_cert.read_bytes())
+
+    def _sign(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        identity: str,
+        role: Role,
+        *,
+        validity: dt.timedelta = dt.timedelta(days=365),
+        not_before: dt.datetime | None = None,
+        server_hosts: Iterable[str] = (),
+        record: bool = True,
+    ) -> x509.Certificate:
+        check_id(identity)
+        index = self.index()
+        previous = index.get(identity)
+        if record and previous and previous["role"] != role.value:
+            raise PkiError(f"{identity!r} is already issued as {previous['role']}; pick another id")
+        if record and previous and previous.get("revoked_at"):
+            raise PkiError(f"{identity!r} is revoked; enrol the device under a new id")
+        issuer_cert, issuer_key = self._issuer()
+        start = not_before or (_now() - dt.timedelta(minutes=5))
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bluelight"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role.value),
+                x509.NameAttribute(NameOID.COMMON_NAME, identity),
+            ]
+        )
+        usages = [ExtendedKeyUsageOID.CLIENT_AUTH]
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer_cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(start + validity)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, content_commitment=False, key_encipherment=False,
+                    data_encipherment=False, key_agreement=True, key_cert_sign=False,
+                    crl_sign=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), critical=False
+            )
+        )
+        hosts = tuple(server_hosts)
+        if hosts:
+            usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
+            builder = builder.add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        cert = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False).sign(issuer_key, hashes.SHA256())
+        if record:
+            serials = [*(previous or {}).get("serials", []), str(cert.serial_number)]
+            index[identity] = {
+                "role": role.value,
+                "serials": serials,
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "revoked_at": None,
+            }
+            self._save_index(index)
+        return cert
+
+
+def id_of_name(name: x509.Name) -> str:
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise PkiError("the CSR subject must have exactly one CN, the device id")
+    try:
+        return check_id(str(cns[0].value))
+    except InvalidId as exc:
+        raise PkiError(str(exc)) from None
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _ca_builder(
+    subject: x509.Name,
+    issuer: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    now: dt.datetime,
+    *,
+    path_length: int,
+) -> x509.CertificateBuilder:
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + CA_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+    )

@@ -1,0 +1,106 @@
+"""Who may sign what: public keys of identities issued by the project's issuing CA,
+checked for chain, validity, role and revocation. Implements `wire.verify.KeyLookup`.
+
+Certificates are read from the PKI directory's `issued/` folder on first use and
+cached; the CRL is re-read whenever its file changes (`refresh`), so a revocation takes
+effect on the next message without a restart."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
+
+from certs.pki import Pki, id_of, role_of
+from edge_agent.wire.envelope import PublicKey
+from edge_agent.wire.errors import Expired, Revoked, UnknownSender, WrongRole
+from edge_agent.wire.ids import InvalidId, Role, check_id
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A trusted certificate's facts."""
+
+    id: str
+    role: Role
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+    key: PublicKey
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class KeyRegistry:
+    """Public keys by identity, for verifying envelopes."""
+
+    def __init__(self, pki: Pki, *, now: Callable[[], dt.datetime] = _utcnow) -> None:
+        self._pki = pki.require()
+        self._now = now
+        self._issuer = x509.load_pem_x509_certificate(pki.issuing_cert.read_bytes())
+        self._cache: dict[str, Registered] = {}
+        self._revoked_serials: frozenset[int] = frozenset()
+        self._crl_mtime = -1.0
+        self.refresh()
+
+    def refresh(self) -> bool:
+        """Re-read the CRL if its file changed; returns whether it did."""
+        try:
+            mtime = self._pki.crl.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if mtime == self._crl_mtime:
+            return False
+        crl = x509.load_pem_x509_crl(self._pki.crl.read_bytes())
+        if not crl.is_signature_valid(self._issuer.public_key()):  # type: ignore[arg-type]
+            return False
+        self._revoked_serials = frozenset(r.serial_number for r in crl)
+        self._crl_mtime = mtime
+        return True
+
+    def is_revoked(self, identity: str) -> bool:
+        entry = self._cache.get(identity)
+        return entry is not None and entry.serial in self._revoked_serials
+
+    def lookup(self, kid: str) -> Registered:
+        """The registered certificate for `kid`, loading it on first use."""
+        entry = self._cache.get(kid)
+        if entry is None:
+            entry = self._load(kid)
+            self._cache[kid] = entry
+        return entry
+
+    def key_for(self, kid: str, roles: frozenset[Role]) -> PublicKey:
+        entry = self.lookup(kid)
+        if entry.serial in self._revoked_serials:
+            raise Revoked("certificate is revoked", sender=kid)
+        now = self._now()
+        if not entry.not_before <= now <= entry.not_after:
+            raise Expired(f"certificate valid {entry.not_before:%Y-%m-%d} to {entry.not_after:%Y-%m-%d}", sender=kid)
+        if entry.role not in roles:
+            raise WrongRole(f"role {entry.role.value} may not send this", sender=kid)
+        return entry.key
+
+    def _load(self, kid: str) -> Registered:
+        try:
+            path = self._pki.identity(check_id(kid)).cert
+            cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
+        except (InvalidId, FileNotFoundError, ValueError):
+            raise UnknownSender("no certificate registered for this id", sender=kid) from None
+        try:
+            cert.verify_directly_issued_by(self._issuer)
+        except (ValueError, TypeError, Exception) as exc:  # noqa: BLE001 - any failure means untrusted
+            raise UnknownSender(f"certificate not issued by this CA ({exc.__class__.__name__})", sender=kid) from None
+        role = role_of(cert)
+        if id_of(cert) != kid or role is None:
+            raise UnknownSender("certificate CN or role does not match", sender=kid)
+        key = cert.public_key()
+        if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | mldsa.MLDSA44PublicKey):
+            raise UnknownSender("certificate key type is not accepted", sender=kid)
+        return Registered(kid, role, cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, key)

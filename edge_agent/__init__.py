@@ -1,0 +1,1 @@
+"""The edge device runtime: drivers, signing, durable outbox, MQTT link, edge rules."""

@@ -1,0 +1,8 @@
+"""`bluelight agent` (being built)."""
+
+import click
+
+
+@click.group()
+def agent() -> None:
+    """The edge agent."""

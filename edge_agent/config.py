@@ -1,0 +1,61 @@
+"""Loading settings: a TOML file section, then `BLUELIGHT_<SECTION>_<KEY>` environment
+overrides, then command-line values. Each service validates the result in its own
+frozen settings dataclass; nothing is read at import time."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from edge_agent.errors import ConfigError
+
+
+def load_section(
+    path: Path | None,
+    section: str,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Merge file, environment and explicit values for one `[section]`; later wins.
+    `None` overrides are ignored so unset CLI options do not mask the file."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        found = data.get(section, {})
+        if not isinstance(found, dict):
+            raise ConfigError(f"[{section}] in {path} must be a table")
+        values.update(found)
+    prefix = f"BLUELIGHT_{section.upper()}_"
+    env = os.environ if environ is None else environ
+    values.update({k[len(prefix):].lower(): v for k, v in env.items() if k.startswith(prefix)})
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return values
+
+
+def parse_hostport(value: str, *, what: str = "broker") -> tuple[str, int]:
+    """`host:port` -> (host, port), with a message that says what is wrong."""
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"--{what} must be HOST:PORT (e.g. localhost:8883), got {value!r}")
+    return host, int(port)
+
+
+def build(cls: type[Any], values: Mapping[str, Any], section: str) -> Any:
+    """Construct a settings dataclass, turning unknown keys and bad values into `ConfigError`."""
+    fields = set(getattr(cls, "__dataclass_fields__", {}))
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ConfigError(f"unknown [{section}] setting(s): {', '.join(unknown)}")
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"[{section}] {exc}") from None

@@ -1,0 +1,1 @@
+"""Simulated hardware, scenarios, the fleet runner and fault injection."""

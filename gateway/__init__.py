@@ -1,0 +1,1 @@
+"""The gateway: ingest, verify, store, fuse, decide, dispatch, HTTP API and dashboard."""

@@ -1,0 +1,1 @@
+"""The Kivy officer app: a view-model without Kivy imports, and Kivy views."""
