@@ -58,6 +58,14 @@ class BrokerSettings:
         return self.data_dir or (self.pki_dir.parent / f"broker-{self.port}")
 
 
+def find_mosquitto() -> str:
+    """The mosquitto executable (Debian puts it in /usr/sbin, often not on a user's PATH)."""
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise BrokerError("mosquitto not found: run 'make setup' (or: sudo apt-get install mosquitto)")
+
+
 def render_acl(gateway_ids: Iterable[str], revoked: Iterable[str], readers: Iterable[str] = ()) -> str:
     """The ACL: each identity writes only its own uplink and reads only its own downlink;
     gateways read every uplink and write every downlink; revoked identities get nothing."""
@@ -152,11 +160,7 @@ class Broker:
         tmp.replace(self.acl_path)
 
     async def __aenter__(self) -> Broker:
-        exe = shutil.which("mosquitto") or next(
-            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
-        )
-        if exe is None:
-            raise BrokerError("mosquitto not found: install it (sudo apt-get install mosquitto) or run 'make setup'")
+        exe = find_mosquitto()
         self.write_files()
         self.process = await asyncio.create_subprocess_exec(exe, "-c", str(self.config_path))
         return self
@@ -180,7 +184,8 @@ class Broker:
             return False
         self.write_acl()
         self.process.send_signal(signal.SIGHUP)
-        log.info("CRL changed: ACL rewritten and broker reloaded (revoked: %s)", ", ".join(sorted(self.pki.revoked_ids())))
+        revoked = ", ".join(sorted(self.pki.revoked_ids()))
+        log.info("CRL changed: ACL rewritten and broker reloaded (revoked: %s)", revoked)
         return True
 
     async def supervise(self) -> int:

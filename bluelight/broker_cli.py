@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
 
@@ -11,7 +13,9 @@ from bluelight.broker import Broker, BrokerError, BrokerSettings, render_acl, re
 from certs.pki import DEFAULT_GATEWAY_ID, Pki
 
 
-def _settings(pki_dir: Path, port: int, host: str, data_dir: Path | None, gateway_ids: tuple[str, ...]) -> BrokerSettings:
+def _settings(
+    pki_dir: Path, port: int, host: str, data_dir: Path | None, gateway_ids: tuple[str, ...]
+) -> BrokerSettings:
     return BrokerSettings(pki_dir=pki_dir, port=port, host=host, data_dir=data_dir, gateway_ids=gateway_ids)
 
 
@@ -25,7 +29,10 @@ _options = [
 ]
 
 
-def _with_options(fn):  # type: ignore[no-untyped-def]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _with_options(fn: F) -> F:
     for option in reversed(_options):
         fn = option(fn)
     return fn

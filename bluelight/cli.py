@@ -9,7 +9,11 @@ from typing import Any
 
 import click
 
+from bluelight.broker_cli import broker
+from certs.cli import pki
+from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
+from gateway.cli import gateway, tail
 
 
 class BluelightGroup(click.Group):
@@ -30,17 +34,8 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _register() -> None:
-    from bluelight.broker_cli import broker
-    from certs.cli import pki
-    from edge_agent.cli import agent
-    from gateway.cli import gateway, tail
-
-    for command in (pki, broker, agent, gateway, tail):
-        cli.add_command(command)
-
-
-_register()
+for _command in (pki, broker, agent, gateway, tail):
+    cli.add_command(_command)
 
 
 def main() -> None:

@@ -132,14 +132,15 @@ class Pki:
 
     def identity(self, identity: str) -> Identity:
         base = self.root / "issued" / check_id(identity)
-        ident = Identity(identity, base.with_suffix(".crt"), base.with_suffix(".key"), Path(f"{base}.chain.pem"))
-        return ident
+        return Identity(identity, base.with_suffix(".crt"), base.with_suffix(".key"), Path(f"{base}.chain.pem"))
 
     def require(self) -> Pki:
         """Raise `PkiError` unless this directory holds an initialised PKI."""
         for path in (self.ca_bundle, self.crl, self.issuing_cert, self.index_path):
             if not path.is_file():
-                raise PkiError(f"no PKI at {self.root} (missing {path.name}): run 'bluelight pki init --dir {self.root}'")
+                raise PkiError(
+                    f"no PKI at {self.root} (missing {path.name}): run 'bluelight pki init --dir {self.root}'"
+                )
         return self
 
     def require_identity(self, identity: str) -> Identity:
@@ -193,7 +194,6 @@ class Pki:
             .sign(root_key, hashes.SHA256())
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.root, 0o755)
         _write(self.root / "private/root-ca.key", _key_pem(root_key), secret=True)
         _write(self.root / "private/issuing-ca.key", _key_pem(issuing_key), secret=True)
         os.chmod(self.root / "private", 0o700)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,20 +26,18 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @pytest.fixture
-def issue(pki: Pki) -> Iterator[object]:
+def issue(pki: Pki) -> Callable[[Role, str], Identity]:
     """Issue a fresh identity for one test: `issue(Role.DEVICE, "dev-x")`."""
 
     def _issue(role: Role, identity: str) -> Identity:
         return pki.issue(role, identity)
 
-    yield _issue
+    return _issue
 
 
 @pytest.fixture
 def broker(pki: Pki, tmp_path: Path) -> Iterator[MosquittoProcess]:
     """A real Mosquitto with mutual TLS, CRL and ACLs on a free port."""
-    if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
-        pytest.fail("mosquitto is not installed: run 'make setup' (CI installs it)")
     settings = BrokerSettings(pki_dir=pki.root, port=free_port(), data_dir=tmp_path / "broker")
     proc = MosquittoProcess(settings).start()
     yield proc

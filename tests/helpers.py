@@ -3,8 +3,8 @@ free loopback port, started and stopped by PID."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bluelight.broker import Broker, BrokerSettings
+from bluelight.broker import Broker, BrokerSettings, find_mosquitto
 
 
 def free_port() -> int:
@@ -54,7 +54,7 @@ class MosquittoProcess:
     def start(self) -> MosquittoProcess:
         broker = Broker(self.settings)
         broker.write_files()
-        exe = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        exe = find_mosquitto()
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen([exe, "-c", str(broker.config_path)], stdout=log, stderr=log)
         wait_for_port(self.port)
@@ -86,7 +86,5 @@ class MosquittoProcess:
 
 
 def kill_pid(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
