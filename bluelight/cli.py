@@ -16,12 +16,31 @@ from edge_agent.errors import BluelightError
 from gateway.cli import gateway, tail
 
 
+class OneLineUsageError(click.ClickException):
+    """A usage error printed as one line (click's default adds the usage block)."""
+
+    exit_code = 2
+
+
+def _one_line(exc: click.UsageError) -> OneLineUsageError:
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return OneLineUsageError(f"{exc.format_message()}{where}")
+
+
 class BluelightGroup(click.Group):
-    """Turns library errors into one-line CLI errors with a non-zero exit."""
+    """Turns library and usage errors into one-line CLI errors with a non-zero exit."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _one_line(exc) from None
         except BluelightError as exc:
             raise click.ClickException(str(exc)) from None
 

@@ -173,6 +173,10 @@ class Pki:
     # -- operations ----------------------------------------------------------
     def init(self, *, hosts: Iterable[str] = DEFAULT_HOSTS, gateway_id: str = DEFAULT_GATEWAY_ID) -> None:
         """Create the root and issuing CAs, an empty CRL, the broker's and gateway's certificates."""
+        try:
+            check_id(gateway_id)
+        except InvalidId as exc:
+            raise PkiError(str(exc)) from None
         if self.index_path.exists():
             raise PkiError(f"a PKI already exists at {self.root}; use another --dir or delete it first")
         hosts = tuple(hosts)

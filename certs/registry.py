@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 
 from certs.pki import Pki, id_of, role_of
@@ -31,6 +32,7 @@ class Registered:
     not_before: dt.datetime
     not_after: dt.datetime
     key: PublicKey
+    mtime: float
 
 
 def _utcnow() -> dt.datetime:
@@ -47,10 +49,33 @@ class KeyRegistry:
         self._cache: dict[str, Registered] = {}
         self._revoked_serials: frozenset[int] = frozenset()
         self._crl_mtime = -1.0
+        self._issued_mtime = self._dir_mtime()
         self.refresh()
 
+    def _dir_mtime(self) -> float:
+        try:
+            return (self._pki.root / "issued").stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    def _forget_reissued(self) -> None:
+        """Drop cached certificates whose files were replaced (re-issue, key rotation)."""
+        mtime = self._dir_mtime()
+        if mtime == self._issued_mtime:
+            return
+        self._issued_mtime = mtime
+        for kid, entry in list(self._cache.items()):
+            try:
+                changed = self._pki.identity(kid).cert.stat().st_mtime != entry.mtime
+            except FileNotFoundError:
+                changed = True
+            if changed:
+                del self._cache[kid]
+
     def refresh(self) -> bool:
-        """Re-read the CRL if its file changed; returns whether it did."""
+        """Pick up re-issued certificates, and re-read the CRL if its file changed;
+        returns whether the CRL changed. Call it about once a second."""
+        self._forget_reissued()
         try:
             mtime = self._pki.crl.stat().st_mtime
         except FileNotFoundError:
@@ -90,12 +115,13 @@ class KeyRegistry:
     def _load(self, kid: str) -> Registered:
         try:
             path = self._pki.identity(check_id(kid)).cert
+            mtime = path.stat().st_mtime
             cert = x509.load_pem_x509_certificate(Path(path).read_bytes())
         except (InvalidId, FileNotFoundError, ValueError):
             raise UnknownSender("no certificate registered for this id", sender=kid) from None
         try:
             cert.verify_directly_issued_by(self._issuer)
-        except (ValueError, TypeError, Exception) as exc:
+        except (ValueError, TypeError, InvalidSignature) as exc:
             raise UnknownSender(f"certificate not issued by this CA ({exc.__class__.__name__})", sender=kid) from None
         role = role_of(cert)
         if id_of(cert) != kid or role is None:
@@ -103,4 +129,6 @@ class KeyRegistry:
         key = cert.public_key()
         if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | mldsa.MLDSA44PublicKey):
             raise UnknownSender("certificate key type is not accepted", sender=kid)
-        return Registered(kid, role, cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, key)
+        return Registered(
+            kid, role, cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, key, mtime
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class BluelightError(Exception):
-    """Base of every error the CLI reports as `bluelight: error: <message>`."""
+    """Base of every error the CLI reports as `Error: <message>`."""
 
 
 class ConfigError(BluelightError):

@@ -10,6 +10,7 @@ raw `r || s` (64 bytes), as COSE requires. See docs/protocol.md.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,7 +133,10 @@ def seal(message: Message, signer: Signer) -> bytes:
     protected = cbor2.dumps({HEADER_ALG: signer.alg, HEADER_KID: signer.kid.encode()})
     payload = message.payload()
     signature = signer.sign_bytes(_sig_structure(protected, payload))
-    return cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+    sealed: bytes = cbor2.dumps(cbor2.CBORTag(COSE_SIGN1_TAG, [protected, {}, payload, signature]))
+    if len(sealed) > MAX_ENVELOPE_BYTES:
+        raise ValueError(f"message is {len(sealed)} bytes sealed; the limit is {MAX_ENVELOPE_BYTES}")
+    return sealed
 
 
 @dataclass(frozen=True)
@@ -168,10 +172,15 @@ class Envelope:
 
 
 def _cbor_loads(data: bytes, what: str, sender: str | None = None) -> Any:
+    """Decode exactly one CBOR item: trailing bytes would give one signed message two encodings."""
+    stream = io.BytesIO(data)
     try:
-        return cbor2.loads(data)
-    except (cbor2.CBORDecodeError, ValueError, TypeError, OverflowError, RecursionError) as exc:
+        value = cbor2.CBORDecoder(stream).decode()
+    except (cbor2.CBORDecodeError, ValueError, TypeError, ArithmeticError, RecursionError, MemoryError) as exc:
         raise Malformed(f"{what} is not valid CBOR ({exc.__class__.__name__})", sender=sender) from None
+    if stream.tell() != len(data):
+        raise Malformed(f"{what} has {len(data) - stream.tell()} trailing bytes", sender=sender)
+    return value
 
 
 def open_envelope(data: bytes) -> Envelope:
@@ -195,7 +204,7 @@ def open_envelope(data: bytes) -> Envelope:
     if not isinstance(header, dict):
         raise Malformed("protected header must be a map")
     alg, kid_bytes = header.get(HEADER_ALG), header.get(HEADER_KID)
-    if alg not in ALG_NAMES:
+    if not isinstance(alg, int) or isinstance(alg, bool) or alg not in ALG_NAMES:
         raise UnsupportedAlgorithm(f"algorithm {alg!r} is not accepted")
     if not isinstance(kid_bytes, bytes):
         raise Malformed("protected header has no kid")

@@ -49,7 +49,7 @@ def _telemetry(body: Mapping[str, Any]) -> None:
     _number(body, "alt", -1000, 100_000, required=False)
     _number(body, "speed", 0, 1000, required=False)
     _number(body, "heading", 0, 360, required=False)
-    if "fix" in body and body["fix"] not in FIXES:
+    if "fix" in body and (not isinstance(body["fix"], str) or body["fix"] not in FIXES):
         raise Malformed(f"fix must be one of none, 2d, 3d, got {body['fix']!r}")
     if "sensors" in body and not isinstance(body["sensors"], dict):
         raise Malformed("sensors must be a map of readings")

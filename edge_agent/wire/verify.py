@@ -23,7 +23,8 @@ def verify_message(topic: str, data: bytes, keys: KeyLookup, roles: frozenset[Ro
     """Return the verified `Message` or raise the specific `Rejected` subclass."""
     parsed = Topic.parse(topic)
     envelope = open_envelope(data)
-    if envelope.kid != parsed.sender:
+    # Uplink topics carry the sender's id; downlink topics carry the recipient's.
+    if parsed.direction == "up" and envelope.kid != parsed.sender:
         raise TopicMismatch(f"key id {envelope.kid!r} published on {parsed.sender!r}'s topic", sender=parsed.sender)
     message = envelope.verify(keys.key_for(envelope.kid, roles))
     if message.sender != envelope.kid:

@@ -1,0 +1,180 @@
+"""The `bluelight` command line: help everywhere, `pki` on temporary directories, and
+bad input answered with one line that says what to do (never a traceback)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from cryptography import x509
+
+from bluelight.cli import cli
+from certs.pki import Pki
+
+
+def _walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            yield from _walk(sub, (*path, name))
+
+
+COMMANDS = list(_walk(cli))
+
+
+def _run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), prog_name="bluelight")
+
+
+def _assert_one_line_error(result: Result, hint: str) -> None:
+    """Non-zero exit, nothing on stdout, exactly one line on stderr naming what to do."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, f"want one line of error output, got {len(lines)}:\n{result.stderr}"
+    assert hint in lines[0], lines[0]
+
+
+# -- help -----------------------------------------------------------------------------------
+
+
+def test_the_tree_has_the_documented_groups() -> None:
+    top = {path[0] for path, _ in COMMANDS if len(path) == 1}
+    assert {"pki", "broker", "agent", "gateway", "tail"} <= top
+    assert {path for path, _ in COMMANDS if path[:1] == ("pki",)} >= {
+        ("pki",),
+        ("pki", "init"),
+        ("pki", "issue"),
+        ("pki", "revoke"),
+    }
+
+
+@pytest.mark.parametrize(("path", "command"), COMMANDS, ids=[" ".join(p) or "bluelight" for p, _ in COMMANDS])
+def test_every_command_has_help(path: tuple[str, ...], command: click.Command) -> None:
+    assert (command.help or "").strip(), f"'bluelight {' '.join(path)}' has no help text"
+    assert command.get_short_help_str().strip()
+    for param in command.params:
+        if isinstance(param, click.Option):
+            assert (param.help or "").strip(), f"option {param.opts} of 'bluelight {' '.join(path)}' has no help"
+    for flag in ("--help", "-h"):
+        result = _run(*path, flag)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("Usage: bluelight")
+        assert (command.help or "").strip().splitlines()[0][:40] in " ".join(result.stdout.split())
+
+
+# -- pki --------------------------------------------------------------------------------------
+
+
+def test_pki_init_issue_revoke(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    result = _run("pki", "init", "--dir", str(pki_dir))
+    assert result.exit_code == 0, result.output
+    assert "PKI created" in result.stdout
+    assert (pki_dir / "issued/gateway.crt").is_file()
+
+    result = _run("pki", "issue", "--dir", str(pki_dir), "--role", "device", "--id", "dev-a", "--days", "30")
+    assert result.exit_code == 0, result.output
+    assert "dev-a" in result.stdout
+    cert = x509.load_pem_x509_certificate((pki_dir / "issued/dev-a.crt").read_bytes())
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert lifetime.days == 30
+
+    result = _run("pki", "revoke", "--dir", str(pki_dir), "--id", "dev-a")
+    assert result.exit_code == 0, result.output
+    assert "revoked dev-a" in result.stdout
+    assert Pki(pki_dir).revoked_ids() == {"dev-a"}
+    crl = x509.load_pem_x509_crl((pki_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(cert.serial_number) is not None
+
+    result = _run("pki", "crl", "--dir", str(pki_dir))
+    assert result.exit_code == 0, result.output
+    assert "CRL re-signed" in result.stdout
+
+
+def test_pki_commands_print_no_key_material(tmp_path: Path) -> None:
+    pki_dir = str(tmp_path / "pki")
+    outputs = [
+        _run("pki", "init", "--dir", pki_dir),
+        _run("pki", "issue", "--dir", pki_dir, "--role", "officer", "--id", "officer-1"),
+        _run("pki", "revoke", "--dir", pki_dir, "--id", "officer-1"),
+    ]
+    for result in outputs:
+        assert result.exit_code == 0, result.output
+        assert "BEGIN" not in result.output
+        assert "PRIVATE" not in result.output
+
+
+def test_pki_init_takes_hosts_and_gateway_id(tmp_path: Path) -> None:
+    pki_dir = tmp_path / "pki"
+    result = _run("pki", "init", "--dir", str(pki_dir), "--host", "gw.example", "--gateway-id", "gw-1")
+    assert result.exit_code == 0, result.output
+    cert = x509.load_pem_x509_certificate((pki_dir / "issued/gw-1.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["gw.example"]
+
+
+# -- bad input: one line that says what to do ------------------------------------------------------
+
+
+@pytest.fixture
+def pki_dir(tmp_path: Path) -> str:
+    path = tmp_path / "pki"
+    Pki(path).init()
+    return str(path)
+
+
+def test_invalid_id(pki_dir: str) -> None:
+    _assert_one_line_error(_run("pki", "issue", "--dir", pki_dir, "--role", "device", "--id", "dev/a"), "use 1-64")
+    _assert_one_line_error(_run("pki", "revoke", "--dir", pki_dir, "--id", "+"), "use 1-64")
+
+
+def test_unknown_role(pki_dir: str) -> None:
+    _assert_one_line_error(_run("pki", "issue", "--dir", pki_dir, "--role", "chief", "--id", "dev-a"), "device")
+
+
+def test_missing_dir() -> None:
+    for args in (("pki", "init"), ("pki", "issue", "--role", "device", "--id", "x"), ("pki", "revoke", "--id", "x")):
+        _assert_one_line_error(_run(*args), "--dir")
+
+
+def test_issue_and_revoke_on_an_uninitialised_dir(tmp_path: Path) -> None:
+    empty = str(tmp_path / "empty")
+    _assert_one_line_error(
+        _run("pki", "issue", "--dir", empty, "--role", "device", "--id", "dev-a"), "bluelight pki init --dir"
+    )
+    _assert_one_line_error(_run("pki", "revoke", "--dir", empty, "--id", "dev-a"), "bluelight pki init --dir")
+    _assert_one_line_error(_run("pki", "crl", "--dir", empty), "bluelight pki init --dir")
+
+
+def test_init_twice(pki_dir: str) -> None:
+    _assert_one_line_error(_run("pki", "init", "--dir", pki_dir), "use another --dir")
+
+
+def test_issue_an_id_under_another_role(pki_dir: str) -> None:
+    assert _run("pki", "issue", "--dir", pki_dir, "--role", "device", "--id", "dev-a").exit_code == 0
+    _assert_one_line_error(
+        _run("pki", "issue", "--dir", pki_dir, "--role", "officer", "--id", "dev-a"), "pick another id"
+    )
+
+
+def test_revoke_an_id_never_issued(pki_dir: str) -> None:
+    _assert_one_line_error(_run("pki", "revoke", "--dir", pki_dir, "--id", "dev-nobody"), "never issued")
+
+
+def test_unknown_command() -> None:
+    _assert_one_line_error(_run("pki", "explode"), "explode")
+
+
+def test_init_with_an_invalid_gateway_id_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Bad input is refused before anything is written, so the operator can simply
+    run the command again with a valid id."""
+    pki_dir = tmp_path / "pki"
+    _assert_one_line_error(_run("pki", "init", "--dir", str(pki_dir), "--gateway-id", "bad id"), "use 1-64")
+    retry = _run("pki", "init", "--dir", str(pki_dir))
+    assert retry.exit_code == 0, retry.output
