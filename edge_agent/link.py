@@ -1,0 +1,362 @@
+"""The agent's MQTT link: mutual TLS, MQTT 5, a persistent session, QoS 1, a signed
+retained presence with a signed last will, and end-to-end receipts.
+
+One connection at a time, each an `async with` block (aiomqtt 2.x over paho-mqtt 2):
+
+1. Before connecting: the presence rows of the previous connection (its will) are
+   released into the outbox as ordinary messages; then a signed online status and a
+   signed offline status are prepared, in that order, so the will has the higher seq.
+   The offline status is this connection's will (retained, QoS 1). Failed attempts
+   reuse the pair.
+2. On connect: every unconfirmed message becomes due again (alarms first), the link
+   subscribes to its own `down/#` at QoS 1, and the prepared online status is released
+   to go out retained through the outbox (it has a seq and gets a receipt).
+3. While connected: a sender publishes due rows with up to `inflight` PUBACKs
+   outstanding, woken by appends and by the resend timer; a receiver verifies every
+   downlink against the gateway's certificate and deletes receipted seqs from the
+   outbox. A PUBACK never deletes anything; a PUBACK with a failure reason code (e.g.
+   135 not authorized) is counted and logged and the message stays for a resend.
+   Rejected downlinks are counted by reason and never stop the link.
+4. On connection loss: reconnect after a capped exponential backoff with full jitter.
+5. On `request_stop()`: publish the held will (offline) ourselves, then disconnect.
+   If the task is cancelled instead, the connection is cut without DISCONNECT so the
+   broker publishes the will.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from aiomqtt import MqttCodeError, MqttError, ProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from certs.registry import KeyRegistry
+from edge_agent.drivers import Clock
+from edge_agent.outbox import Outbox, Row
+from edge_agent.settings import AgentSettings
+from edge_agent.wire.envelope import Message
+from edge_agent.wire.errors import Rejected, TopicMismatch
+from edge_agent.wire.ids import Role
+from edge_agent.wire.model import parse_ranges
+from edge_agent.wire.topics import Topic, down_filter
+from edge_agent.wire.verify import KeyLookup, verify_message
+
+log = logging.getLogger(__name__)
+
+GATEWAY_ROLES = frozenset({Role.GATEWAY})
+#: A connection that lasted this long resets the reconnect backoff.
+_STABLE_S = 10.0
+#: How long a graceful stop waits for outstanding PUBACKs before giving up on them.
+_DRAIN_S = 2.0
+
+
+def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) -> Message:
+    """Verify a gateway-signed message on `bl/v1/<recipient>/down/<kind>`."""
+    parsed = Topic.parse(topic)
+    if parsed.direction != "down" or parsed.sender != recipient:
+        raise TopicMismatch(f"{topic!r} is not a downlink for {recipient!r}")
+    return verify_message(topic, data, keys, GATEWAY_ROLES)
+
+
+def backoff_delay(attempt: int, low_s: float, high_s: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(high, low * 2**attempt)]."""
+    return rng.uniform(0.0, min(high_s, low_s * 2 ** min(attempt, 32)))
+
+
+@dataclass(frozen=True)
+class _Presence:
+    """The held online status and will prepared for one connection."""
+
+    online_seq: int
+    will_seq: int
+    will_data: bytes
+
+
+@dataclass
+class LinkStats:
+    """What the link has done since it started."""
+
+    connects: int = 0
+    disconnects: int = 0
+    published: int = 0
+    #: Publishes the broker refused (PUBACK reason code >= 128) or that timed out, by reason.
+    publish_failures: Counter[str] = field(default_factory=Counter)
+    receipts: int = 0
+    confirmed: int = 0
+    #: Downlinks that failed verification, by `Rejected.reason`.
+    downlink_rejected: Counter[str] = field(default_factory=Counter)
+    downlink_ignored: int = 0
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client plus what 2.x does not expose: the PUBACK reason code of each
+    publish, and cutting the connection without a DISCONNECT (so the will fires)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: dict[int, ReasonCode] = {}
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        self._acks[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_acked(self, topic: str, payload: bytes, *, retain: bool, wait_s: float) -> ReasonCode | None:
+        """Publish at QoS 1 and return the PUBACK's reason code (None if paho gave none)."""
+        info = self._client.publish(topic, payload, 1, retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            done = asyncio.Event()
+            with self._pending_call(info.mid, done, self._pending_publishes):
+                await self._wait_for(done.wait(), timeout=wait_s)
+        return self._acks.pop(info.mid, None)
+
+    def sever(self) -> None:
+        """Drop the TCP connection without DISCONNECT, as a crash or lost signal would."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Link:
+    """Moves the outbox to the broker and receipts back. `await run()` until `request_stop()`."""
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        outbox: Outbox,
+        tls_context: ssl.SSLContext,
+        keys: KeyRegistry,
+        *,
+        clock: Clock,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.id = settings.id
+        self.outbox = outbox
+        self.keys = keys
+        self.stats = LinkStats()
+        self.connected = asyncio.Event()
+        self._tls = tls_context
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._client: _Client | None = None
+        self._inflight = 0
+        self._publishing: set[asyncio.Task[None]] = set()
+        outbox.on_append = self._wake.set
+
+    # -- control ----------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Publish the offline status, disconnect and make `run()` return."""
+        self._stop.set()
+
+    def wake(self) -> None:
+        """Look at the outbox now (called after appends)."""
+        self._wake.set()
+
+    def sever(self) -> None:
+        """Fault injection: cut the live connection abruptly; the broker publishes our
+        will and the link reconnects."""
+        if self._client is not None:
+            self._client.sever()
+
+    # -- the connection loop ------------------------------------------------------
+    async def run(self) -> None:
+        attempt = 0
+        presence: _Presence | None = None
+        host, port = self.settings.broker_host, self.settings.broker_port
+        while not self._stop.is_set():
+            if presence is None:
+                released = self.outbox.release_will()
+                if released:
+                    log.debug("%s: held presence %s released for sending", self.id, released)
+                now = self._clock.now_ms()
+                online = self.outbox.prepare_online(now)
+                presence = _Presence(online, *self.outbox.prepare_will(now))
+            client = self._new_client(host, port, presence.will_data)
+            connected_at: float | None = None
+            try:
+                async with client:
+                    connected_at = time.monotonic()
+                    self._client = client
+                    self.stats.connects += 1
+                    self.connected.set()
+                    log.info("%s connected to %s:%d", self.id, host, port)
+                    try:
+                        await self._session(client, presence)
+                    except asyncio.CancelledError:
+                        client.sever()
+                        raise
+            except* MqttError as group:
+                reason = "; ".join(f"{e} ({e.__cause__})" if e.__cause__ else str(e) for e in group.exceptions)
+                if connected_at is None:
+                    log.info("%s cannot connect to %s:%d: %s", self.id, host, port, reason)
+                else:
+                    log.warning("%s disconnected from %s:%d: %s", self.id, host, port, reason)
+            finally:
+                self._client = None
+                self.connected.clear()
+            if connected_at is not None:
+                self.stats.disconnects += 1
+                presence = None
+                if time.monotonic() - connected_at >= _STABLE_S:
+                    attempt = 0
+            if self._stop.is_set():
+                break
+            delay = backoff_delay(attempt, self.settings.reconnect_min_s, self.settings.reconnect_max_s, self._rng)
+            attempt += 1
+            log.debug("%s reconnecting in %.2f s", self.id, delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+        log.info("%s link stopped", self.id)
+
+    def _new_client(self, host: str, port: int, will_payload: bytes) -> _Client:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self.settings.session_expiry_s
+        client = _Client(
+            host,
+            port,
+            identifier=self.id,
+            protocol=ProtocolVersion.V5,
+            tls_context=self._tls,
+            will=aiomqtt.Will(str(Topic.up(self.id, "status")), will_payload, qos=1, retain=True),
+            clean_start=False,
+            properties=props,
+            keepalive=self.settings.keepalive_s,
+            max_inflight_messages=self.settings.inflight,
+            max_queued_incoming_messages=10_000,
+            timeout=10,
+        )
+        client.pending_calls_threshold = self.settings.inflight + 16
+        return client
+
+    async def _session(self, client: _Client, presence: _Presence) -> None:
+        """One connection's life: runs until the connection fails (raises) or stop."""
+        self._inflight = 0
+        resent = self.outbox.reset_sent()
+        if resent:
+            log.info("%s re-sending %d unconfirmed messages", self.id, resent)
+        granted = await client.subscribe(down_filter(self.id), qos=1)
+        refused = [rc for rc in granted if isinstance(rc, ReasonCode) and rc.is_failure]
+        if refused:
+            log.warning(
+                "%s: broker refused the downlink subscription (%s): receipts cannot arrive", self.id, refused[0]
+            )
+        self.outbox.release(presence.online_seq)
+        self._wake.set()
+        async with asyncio.TaskGroup() as tg:
+            receiver = tg.create_task(self._receiver(client), name=f"{self.id}-receive")
+            sender = tg.create_task(self._sender(client, tg), name=f"{self.id}-send")
+            await self._stop.wait()
+            sender.cancel()
+            await self._drain()
+            await self._publish_will(client, presence)
+            receiver.cancel()
+            for task in list(self._publishing):
+                task.cancel()
+
+    async def _drain(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_DRAIN_S):
+                while self._publishing:
+                    await asyncio.wait(set(self._publishing))
+
+    async def _publish_will(self, client: _Client, presence: _Presence) -> None:
+        """Graceful stop: say offline with the will's own signed bytes and seq."""
+        seq, data = presence.will_seq, presence.will_data
+        rc = await client.publish_acked(str(Topic.up(self.id, "status")), data, retain=True, wait_s=5.0)
+        self.outbox.release_will()
+        self.outbox.mark_sent([seq], self._clock.now_ms())
+        log.info("%s published offline status (seq %d, %s)", self.id, seq, rc)
+
+    # -- sending ------------------------------------------------------------------
+    async def _sender(self, client: _Client, tg: asyncio.TaskGroup) -> None:
+        window = self.settings.inflight
+        while True:
+            self._wake.clear()
+            now = self._clock.now_ms()
+            rows = self.outbox.due(now, window - self._inflight)
+            if rows:
+                self.outbox.mark_sent([r.seq for r in rows], now)
+                for row in rows:
+                    self._inflight += 1
+                    task = tg.create_task(self._publish(client, row), name=f"{self.id}-publish-{row.seq}")
+                    self._publishing.add(task)
+                    task.add_done_callback(self._publishing.discard)
+                continue
+            timeout: float | None = None
+            resend_at = self.outbox.next_resend_ms()
+            if resend_at is not None:
+                timeout = max(0.05, (resend_at - now) / 1000.0)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _publish(self, client: _Client, row: Row) -> None:
+        topic = str(Topic.up(self.id, row.kind))
+        try:
+            rc = await client.publish_acked(topic, row.data, retain=row.retain, wait_s=self.settings.publish_timeout_s)
+        except MqttError as exc:
+            # The connection is going; the receiver sees it and the row is re-sent.
+            self.stats.publish_failures[str(exc)] += 1
+            log.debug("%s publish of seq %d failed: %s", self.id, row.seq, exc)
+        else:
+            if rc is not None and rc.is_failure:
+                self.stats.publish_failures[str(rc)] += 1
+                log.warning("%s: broker refused seq %d on %s: %s (%d)", self.id, row.seq, topic, rc, rc.value)
+            else:
+                self.stats.published += 1
+        finally:
+            self._inflight -= 1
+            self._wake.set()
+
+    # -- receiving ----------------------------------------------------------------
+    async def _receiver(self, client: _Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            data = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
+            self.handle_downlink(message.topic.value, data)
+
+    def handle_downlink(self, topic: str, data: bytes) -> None:
+        """Verify one downlink; apply receipts; count and log anything rejected."""
+        self.keys.refresh()
+        try:
+            message = verify_downlink(topic, data, self.id, self.keys)
+        except Rejected as exc:
+            self.stats.downlink_rejected[exc.reason] += 1
+            log.warning("%s rejected a downlink on %s: %s", self.id, topic, exc)
+            return
+        if message.kind == "cmd" and message.body.get("type") == "receipt":
+            ranges = parse_ranges(message.body["ranges"])  # validate_body has checked them
+            confirmed = self.outbox.confirm(ranges)
+            self.stats.receipts += 1
+            self.stats.confirmed += confirmed
+            log.debug("%s receipt from %s: %s confirmed %d", self.id, message.sender, ranges, confirmed)
+            return
+        self.stats.downlink_ignored += 1
+        log.info(
+            "%s: %s %r from %s is not handled by this agent",
+            self.id,
+            message.kind,
+            message.body.get("type"),
+            message.sender,
+        )

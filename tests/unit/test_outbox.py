@@ -1,0 +1,232 @@
+"""The outbox: seq allocation, lanes, receipts, bounds, the held will, signatures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from edge_agent.outbox import WILL_BODY, Outbox, OutboxError
+from edge_agent.wire.envelope import KeySigner, PublicKey
+from edge_agent.wire.errors import Malformed, UnknownSender
+from edge_agent.wire.ids import Role
+from edge_agent.wire.topics import Topic
+from edge_agent.wire.verify import verify_message
+
+T0 = 1_700_000_000_000
+POS = {"lat": 51.5, "lon": -0.12}
+SENDER = "dev-t"
+
+
+class Keys:
+    """A one-key KeyLookup."""
+
+    def __init__(self, kid: str, key: PublicKey) -> None:
+        self.kid, self.key = kid, key
+
+    def key_for(self, kid: str, roles: frozenset[Role]) -> PublicKey:
+        if kid != self.kid:
+            raise UnknownSender("unknown", sender=kid)
+        return self.key
+
+
+@pytest.fixture(scope="module")
+def private_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+@pytest.fixture
+def signer(private_key: ec.EllipticCurvePrivateKey) -> KeySigner:
+    return KeySigner(SENDER, private_key)
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "outbox.db"
+
+
+def test_seq_starts_at_1_and_survives_reopen_and_deletion(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        assert [ob.append("telemetry", POS, T0 + i) for i in range(3)] == [1, 2, 3]
+        assert ob.confirm([(1, 3)]) == 3
+        assert ob.seqs() == []
+    with Outbox(path, signer) as ob:
+        assert ob.append("event", {"type": "panic"}, T0 + 10) == 4
+        assert ob.append("status", {"state": "online"}, T0 + 11) == 5
+        assert ob.seqs() == [4, 5]
+
+
+def test_outbox_refuses_another_identity(
+    path: Path, signer: KeySigner, private_key: ec.EllipticCurvePrivateKey
+) -> None:
+    Outbox(path, signer).close()
+    with pytest.raises(OutboxError, match="belongs to 'dev-t'"):
+        Outbox(path, KeySigner("dev-other", private_key))
+
+
+def test_events_jump_the_telemetry_backlog_and_lanes_keep_seq_order(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        telemetry = [ob.append("telemetry", POS, T0 + i) for i in range(50)]
+        status = ob.append("status", {"state": "online"}, T0 + 50)
+        ack = ob.append("ack", {"alert_id": "a1", "answer": "accepted"}, T0 + 51)
+        events = [ob.append("event", {"type": "panic", **POS}, T0 + 52 + i) for i in range(2)]
+        due = ob.due(T0 + 100, limit=100)
+        assert [r.seq for r in due] == [*events, ack, status, *telemetry]
+        assert [r.kind for r in due[:4]] == ["event", "event", "ack", "status"]
+        # A small window still starts with the alarms.
+        assert [r.seq for r in ob.due(T0 + 100, limit=3)] == [*events, ack]
+
+
+def test_due_skips_sent_until_resend_after(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, resend_after_s=10) as ob:
+        a, b = ob.append("telemetry", POS, T0), ob.append("telemetry", POS, T0 + 1)
+        ob.mark_sent([a], T0 + 5)
+        assert [r.seq for r in ob.due(T0 + 6, 10)] == [b]
+        assert ob.next_resend_ms() == T0 + 5 + 10_000
+        ob.mark_sent([b], T0 + 6)
+        assert ob.due(T0 + 10_000, 10) == []
+        resend = ob.due(T0 + 10_005, 10)
+        assert [r.seq for r in resend] == [a]
+        assert resend[0].attempts == 1
+        assert ob.reset_sent() == 2
+        assert [r.seq for r in ob.due(T0 + 15_000, 10)] == [a, b]
+
+
+def test_a_new_event_overtakes_rows_due_for_resend(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, resend_after_s=1) as ob:
+        old = [ob.append("telemetry", POS, T0 + i) for i in range(5)]
+        ob.mark_sent(old, T0)
+        event = ob.append("event", {"type": "panic"}, T0 + 5000)
+        assert [r.seq for r in ob.due(T0 + 5000, 3)] == [event, *old[:2]]
+
+
+def test_confirm_deletes_exactly_the_receipted_seqs(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        for i in range(10):
+            ob.append("telemetry", POS, T0 + i)
+        assert ob.confirm([(2, 4), (7, 7)]) == 4
+        assert ob.seqs() == [1, 5, 6, 8, 9, 10]
+        assert ob.confirm([(2, 4), (50, 60)]) == 0
+        assert ob.stats().confirmed == 4
+
+
+def test_overflow_drops_oldest_telemetry_only_and_counts_it(
+    path: Path, signer: KeySigner, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Outbox(path, signer, max_rows=10) as ob:
+        event = ob.append("event", {"type": "panic"}, T0)
+        ack = ob.append("ack", {"alert_id": "a1", "answer": "received"}, T0)
+        telemetry = [ob.append("telemetry", POS, T0 + i) for i in range(12)]
+        with caplog.at_level(logging.WARNING, logger="edge_agent.outbox"):
+            late_event = ob.append("event", {"type": "man_down"}, T0 + 20)
+        assert ob.seqs() == sorted([event, ack, *telemetry[5:], late_event])
+        assert ob.dropped == 5
+        assert ob.stats().pending == {"event": 2, "ack": 1, "status": 0, "telemetry": 7}
+        assert "dropped the 1 oldest telemetry" in caplog.text
+    with Outbox(path, signer, max_rows=10) as ob:
+        assert ob.dropped == 5  # persisted
+
+
+def test_alarms_are_never_dropped_even_past_the_bound(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, max_rows=10) as ob:
+        for i in range(5):
+            ob.append("telemetry", POS, T0 + i)
+        events = [ob.append("event", {"type": "panic"}, T0 + 10 + i) for i in range(15)]
+        assert ob.seqs(kind="event") == events
+        assert ob.seqs(kind="telemetry") == []
+        assert ob.dropped == 5
+
+
+def test_old_telemetry_is_dropped_by_age(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, max_age_s=60) as ob:
+        old = ob.append("telemetry", POS, T0)
+        old_event = ob.append("event", {"type": "panic"}, T0)
+        new = ob.append("telemetry", POS, T0 + 61_000)
+        assert ob.seqs() == [old_event, new]
+        assert old not in ob.seqs()
+        assert ob.dropped == 1
+
+
+def test_held_will_is_not_due_until_released(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        t = ob.append("telemetry", POS, T0)
+        online = ob.prepare_online(T0 + 1)
+        seq, data = ob.prepare_will(T0 + 1)
+        assert (online, seq) == (t + 1, t + 2), "the will outranks the online status of its connection"
+        assert [r.seq for r in ob.due(T0 + 2, 10)] == [t]
+        assert ob.held_will() == (seq, data)
+        assert ob.stats().held == 2
+        assert ob.release(online)  # the connection is up
+        assert [r.seq for r in ob.due(T0 + 2, 10)] == [online, t]
+        assert ob.due(T0 + 2, 10)[0].retain
+    with Outbox(path, signer) as ob:  # still held across a restart
+        assert [r.seq for r in ob.due(T0 + 4, 10)] == [online, t]
+        assert ob.release_will() == [seq]
+        due = ob.due(T0 + 4, 10)
+        assert [r.seq for r in due] == [online, seq, t]
+        assert [r.retain for r in due] == [True, False, False]
+        assert ob.held_will() is None
+        assert ob.stats().held == 0
+
+
+def test_presence_of_a_connection_that_never_came_up_is_released_with_its_will(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        online = ob.prepare_online(T0)
+        will, _ = ob.prepare_will(T0)
+        assert ob.release_will() == [online, will]  # no gap in seqs for the gateway
+        next_online = ob.prepare_online(T0 + 1)
+        assert next_online > will
+        due = ob.due(T0 + 2, 10)
+        assert [r.seq for r in due] == [online, will]
+        assert not any(r.retain for r in due), "only the newest online status is published retained"
+
+
+def test_only_the_newest_retained_status_is_published_retained(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        first = ob.append("status", {"state": "online"}, T0, retain=True)
+        second = ob.append("status", {"state": "online"}, T0 + 1, retain=True)
+        assert {r.seq: r.retain for r in ob.due(T0 + 2, 10)} == {first: False, second: True}
+
+
+def test_every_stored_row_verifies_with_the_device_key(
+    path: Path, signer: KeySigner, private_key: ec.EllipticCurvePrivateKey
+) -> None:
+    keys = Keys(SENDER, private_key.public_key())
+    with Outbox(path, signer) as ob:
+        ob.append("telemetry", {**POS, "acc": 5.0, "fix": "3d", "sensors": {"battery": 90.0}}, T0)
+        ob.append("event", {"type": "panic", **POS}, T0 + 1)
+        ob.append("ack", {"alert_id": "a1", "answer": "accepted"}, T0 + 2)
+        ob.prepare_will(T0 + 3)
+        ob.release_will()
+        rows = ob.due(T0 + 10, 100)
+        assert len(rows) == 4
+        for row in rows:
+            message = verify_message(str(Topic.up(SENDER, row.kind)), row.data, keys, frozenset({Role.DEVICE}))
+            assert message.sender == SENDER
+            assert message.kind == row.kind
+            assert message.seq == row.seq
+        will = next(r for r in rows if r.kind == "status")
+        status = verify_message(str(Topic.up(SENDER, "status")), will.data, keys, frozenset({Role.DEVICE}))
+        assert status.body == WILL_BODY
+
+
+def test_invalid_bodies_and_kinds_are_refused_without_using_a_seq(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        with pytest.raises(Malformed):
+            ob.append("telemetry", {"lat": 91, "lon": 0}, T0)
+        with pytest.raises(ValueError, match="does not send"):
+            ob.append("alert", {}, T0)
+        assert ob.append("telemetry", POS, T0) == 1
+
+
+def test_stats_by_lane(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer) as ob:
+        ob.append("telemetry", POS, T0)
+        ob.append("event", {"type": "panic"}, T0)
+        ob.prepare_will(T0)
+        ob.mark_sent([1], T0)
+        stats = ob.stats()
+        assert stats.pending == {"event": 1, "ack": 0, "status": 0, "telemetry": 1}
+        assert (stats.held, stats.sent, stats.next_seq, stats.total) == (1, 1, 4, 2)
