@@ -95,7 +95,7 @@ def render_config(settings: BrokerSettings, pki: Pki, acl_path: Path) -> str:
         "allow_anonymous false",
         f"persistence {'true' if settings.persistence else 'false'}",
         f"persistence_location {work}/",
-        "autosave_interval 5",
+        "autosave_interval 30",
         "log_dest stderr",
         "log_type error",
         "log_type warning",

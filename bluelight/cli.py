@@ -3,13 +3,17 @@ its runtime and only parses arguments; library errors become one-line messages."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
 
 from bluelight.broker_cli import broker
+from bluelight.demo import DemoSettings, run_demo
 from certs.cli import pki
 from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
@@ -51,6 +55,23 @@ def cli(verbose: int) -> None:
     """Bluelight: signed telemetry over mutual-TLS MQTT, a fusing gateway, officer alerts."""
     level = logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.option("--dir", "work_dir", default=Path("var/demo"), show_default=True, type=click.Path(path_type=Path),
+              help="Work directory (its PKI and databases are recreated each run).")
+@click.option("--units", default=10, show_default=True, type=int, help="Simulated units.")
+@click.option("--broker-port", default=8883, show_default=True, type=int, help="Broker TLS port.")
+@click.option("--http-port", default=8443, show_default=True, type=int, help="Gateway HTTPS port.")
+@click.option("--panic-every", "panic_every_s", default=60.0, show_default=True, type=float,
+              help="Mean seconds between simulated panic presses.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed for routes and incidents.")
+def demo(**options: Any) -> None:
+    """Run the whole platform on this box: PKI, broker, gateway and a simulated fleet."""
+    settings = DemoSettings(**options)
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        asyncio.run(run_demo(settings, echo=lambda line: click.echo(line, err=True)))
+    click.echo("demo: stopped", err=True)
 
 
 for _command in (pki, broker, agent, gateway, tail):
