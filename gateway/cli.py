@@ -1,13 +1,82 @@
-"""`bluelight gateway` and `bluelight tail` (being built)."""
+"""`bluelight gateway run` and `bluelight tail`: argument parsing only; the library does
+the work and its errors become one-line messages."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from pathlib import Path
 
 import click
+
+from certs.pki import DEFAULT_GATEWAY_ID, Pki
 
 
 @click.group()
 def gateway() -> None:
-    """The gateway."""
+    """The gateway: verify and store the uplink stream, serve the HTTPS API."""
+
+
+@gateway.command("run")
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), help="TOML file with a [gateway] table.")
+@click.option("--pki", "pki_dir", type=click.Path(path_type=Path, file_okay=False), help="PKI directory.")
+@click.option("--broker", help="Broker HOST:PORT (mutual TLS).")
+@click.option("--db", "db_path", type=click.Path(path_type=Path, dir_okay=False), help="SQLite database file.")
+@click.option("--http-host", help="Address the HTTPS API listens on (default 127.0.0.1).")
+@click.option("--http-port", type=int, help="Port of the HTTPS API (default 8443; 0 picks a free one).")
+@click.option("--gateway-id", help=f"The gateway's identity in the PKI (default {DEFAULT_GATEWAY_ID}).")
+def run(
+    *,
+    config: Path | None,
+    pki_dir: Path | None,
+    broker: str | None,
+    db_path: Path | None,
+    http_host: str | None,
+    http_port: int | None,
+    gateway_id: str | None,
+) -> None:
+    """Run the gateway until Ctrl-C: ingest, store, receipts and the HTTPS API.
+
+    Settings come from --config, then BLUELIGHT_GATEWAY_<KEY> environment variables,
+    then these options."""
+    # Imported here so that `bluelight` on an edge device never needs the gateway extras.
+    from gateway.service import Gateway, serve  # noqa: PLC0415
+    from gateway.settings import load_settings  # noqa: PLC0415
+
+    settings = load_settings(
+        config,
+        overrides={
+            "pki_dir": pki_dir, "broker": broker, "db_path": db_path,
+            "http_host": http_host, "http_port": http_port, "gateway_id": gateway_id,
+        },
+    )
+
+    def ready(gw: Gateway) -> None:
+        click.echo(
+            f"gateway {settings.gateway_id}: API at {gw.api_url} (mutual TLS; OpenAPI {gw.api_url}/openapi.json, "
+            f"docs {gw.api_url}/docs); ingest from {settings.broker}; store {settings.db_path}",
+        )
+
+    asyncio.run(serve(settings, on_ready=ready))
 
 
 @click.command()
-def tail() -> None:
-    """Print the live stream."""
+@click.option(
+    "--pki", "pki_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="PKI directory."
+)
+@click.option("--broker", required=True, help="Broker HOST:PORT (mutual TLS).")
+@click.option("--id", "identity", default=DEFAULT_GATEWAY_ID, show_default=True, help="Identity to connect as.")
+def tail(pki_dir: Path, broker: str, identity: str) -> None:
+    """Print the live uplink stream, verified and decoded, one line a message.
+
+    Lines read `HH:MM:SS.mmm <id> #<seq> <kind> <json body>` (device time, UTC) or
+    `REJECTED <reason> <topic>: <detail>`. Ctrl-C stops."""
+    from gateway.tail import run_tail  # noqa: PLC0415 - see `run`
+
+    def out(line: str) -> None:
+        click.echo(line)
+        sys.stdout.flush()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run_tail(Pki(pki_dir), broker, identity, out=out))

@@ -1,0 +1,1 @@
+"""Benchmarks: commands that print figures (see `bench/ingest`), apart from the tests."""

@@ -1,0 +1,56 @@
+"""When to tell a device what is stored: the receipts the gateway owes, per device.
+
+A device gets at most one receipt per `interval_ms` (the first one at once), so a busy
+fleet costs the gateway a bounded number of signatures per second however small its
+batches are; a receipt never lists more than `max_seqs` sequence numbers (further ones
+go in the next receipt of the same round), which keeps it far below the envelope limit."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+DEFAULT_INTERVAL_MS = 500
+DEFAULT_MAX_SEQS = 1024
+
+
+class ReceiptBook:
+    """Stored-but-not-yet-receipted sequence numbers per device."""
+
+    __slots__ = ("_last_sent", "_pending", "interval_ms", "max_seqs")
+
+    def __init__(self, interval_ms: int = DEFAULT_INTERVAL_MS, *, max_seqs: int = DEFAULT_MAX_SEQS) -> None:
+        if interval_ms < 0:
+            raise ValueError(f"receipt interval must be >= 0 ms, got {interval_ms}")
+        if max_seqs < 1:
+            raise ValueError(f"a receipt lists at least one seq, got {max_seqs}")
+        self.interval_ms = interval_ms
+        self.max_seqs = max_seqs
+        self._pending: dict[str, set[int]] = {}
+        self._last_sent: dict[str, int] = {}
+
+    def add(self, device: str, seqs: Iterable[int]) -> None:
+        """These sequence numbers of `device` are now stored."""
+        pending = self._pending.get(device)
+        if pending is None:
+            pending = self._pending[device] = set()
+        pending.update(seqs)
+        if not pending:
+            del self._pending[device]
+
+    @property
+    def pending(self) -> int:
+        """How many devices are owed a receipt."""
+        return len(self._pending)
+
+    def due(self, now_ms: int, *, flush: bool = False) -> list[tuple[str, list[int]]]:
+        """Take the receipts to send now: `(device, sorted seqs)`, possibly several per
+        device when more than `max_seqs` are pending. `flush` ignores the interval."""
+        out: list[tuple[str, list[int]]] = []
+        for device in list(self._pending):
+            last = self._last_sent.get(device)
+            if not flush and last is not None and now_ms - last < self.interval_ms:
+                continue
+            seqs = sorted(self._pending.pop(device))
+            out.extend((device, seqs[i : i + self.max_seqs]) for i in range(0, len(seqs), self.max_seqs))
+            self._last_sent[device] = now_ms
+        return out

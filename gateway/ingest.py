@@ -1,0 +1,794 @@
+"""The ingest shell: MQTT in, `IngestCore` decides, the store commits, receipts go out.
+
+    broker --$share/bl-gateway/bl/v1/+/up/#--> inbox -> batch --verify--> commit --> PUBACKs
+                                                                                `--> receipts
+
+Three stages overlap, batches keeping their order: the event loop reads the next batch
+while the verify stage checks the previous one and the database thread commits the one
+before. Verification (about 100 us a message, most of the CPU) runs in `verify_workers`
+processes, each owning the senders `route` gives it, so each sender's replay window and
+clock-skew estimate live in exactly one place while signature checks use the other
+cores; `verify_workers = 0` verifies on a thread of this process instead.
+
+Flow control (nothing is dropped silently): the inbox is bounded (`queue_bound`). When
+it is nearly full the gateway stops reading the MQTT socket, so TCP flow control pushes
+back on the broker, which keeps the messages in this persistent session's queue (up to
+its `max_queued_messages`); reading resumes when the inbox is half empty. (The broker's
+own in-flight limit cannot be relied on for this: Mosquitto 2.0.11 honours MQTT 5
+Receive Maximum and `max_inflight_messages` only until the first PUBACK, then sends its
+whole queue, see mosquitto#2301; measured here.) Messages are acknowledged only after
+the batch that holds them is committed (paho's manual acks), so a gateway that stops or
+dies loses nothing the broker gave it: unacknowledged messages are redelivered and the
+store's unique key turns them into `replayed`. Should a message still not fit the inbox
+it is dropped by aiomqtt, counted as `overflow` and logged, and for QoS 1 the gateway
+reconnects so that the broker redelivers it.
+
+MQTT version: "3.1.1" by default. paho-mqtt 2.2 parses the MQTT 5 properties of every
+incoming PUBLISH in pure Python (~85 us a message measured here, 4-5x the whole v3.1.1
+receive path), which alone would cost a third of the 5,000 msg/s budget. Shared
+subscriptions work with 3.1.1 clients on Mosquitto, EMQX, HiveMQ and VerneMQ alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import multiprocessing
+import random
+import signal
+import sqlite3
+import ssl
+import threading
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any, TypeVar, cast
+
+import aiomqtt
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from certs.registry import KeyRegistry
+from edge_agent.errors import BluelightError
+from edge_agent.wire.envelope import Message, Signer, seal
+from edge_agent.wire.errors import Rejected
+from edge_agent.wire.model import receipt_body
+from edge_agent.wire.topics import UP_FILTER, Topic, shared
+from gateway.core import Accepted, IngestCore, IngestCounts, ReceiptBook, Rejection
+from gateway.settings import GatewaySettings
+from gateway.store import BatchResult, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 30.0
+#: The gateway's own sequence numbers are reserved in the store this many at a time.
+SEQ_BLOCK = 1000
+#: Batches between two stages; a full stage pauses the one before it (back-pressure).
+STAGE_DEPTH = 2
+#: Reading the MQTT socket pauses this close to `queue_bound` (one TLS record holds up
+#: to ~70 small messages, all read at once) and resumes at half of it.
+READ_MARGIN = 256
+#: After reading the socket, wait this long before reading again (see _ReaderGate).
+READ_NAP_S = 0.004
+#: Socket reads per wake-up at most (each brings one TLS record, one or more messages).
+READ_ROUNDS = 256
+#: How often owed receipts are looked at (besides right after each commit).
+RECEIPT_TICK_S = 0.05
+#: Rejections logged one by one per reason per report interval; the rest are counted.
+LOG_REJECTIONS = 5
+
+
+def wall_ms() -> int:
+    """UTC milliseconds from the system clock."""
+    return time.time_ns() // 1_000_000
+
+
+def backoff(attempt: int, *, low: float = RECONNECT_MIN_S, high: float = RECONNECT_MAX_S) -> float:
+    """Capped exponential backoff with jitter in its upper half."""
+    cap: float = min(high, low * (2 ** min(attempt, 16)))
+    return cap * random.uniform(0.5, 1.0)  # jitter, not a secret
+
+
+class IngestError(BluelightError):
+    """The ingest connection cannot go on (refused subscription, lost messages)."""
+
+
+class _Inbox(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's incoming queue, bounded. It stamps each message's receive time as it
+    arrives (`last_recv_ms` is the stamp of the message taken last) and sets `full_batch`
+    once a batch's worth is waiting, so the receiver wakes once per batch, not per
+    message. A message that does not fit is dropped by aiomqtt (it logs a warning);
+    `on_overflow` reports it first."""
+
+    def __init__(
+        self, maxsize: int, batch_size: int, clock_ms: Callable[[], int], on_overflow: Callable[[aiomqtt.Message], None]
+    ) -> None:
+        super().__init__(maxsize)
+        self.full_batch = asyncio.Event()
+        self.last_recv_ms = 0
+        self.received = 0
+        self._batch_size = batch_size
+        self._clock_ms = clock_ms
+        self._on_overflow = on_overflow
+        self._stamps: deque[int] = deque()
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.full():
+            self._on_overflow(item)
+        super().put_nowait(item)
+        if self.qsize() >= self._batch_size:
+            self.full_batch.set()
+
+    def _put(self, item: aiomqtt.Message) -> None:
+        self.received += 1
+        self._stamps.append(self._clock_ms())
+        super()._put(item)
+
+    def _get(self) -> aiomqtt.Message:
+        self.last_recv_ms = self._stamps.popleft()
+        item: aiomqtt.Message = super()._get()
+        return item
+
+
+class _ReaderGate:
+    """Stands in for the event loop inside one aiomqtt client, to control reading its
+    socket: aiomqtt registers its socket reader through here. While `is_full()` the reader
+    is unregistered instead of run (back-pressure) until `resume()`. After each read the
+    reader naps for `nap_s`, so one wake-up reads many messages instead of one (each
+    message is its own TLS record, and waking per message costs more than reading it).
+    Everything else goes to the loop."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, is_full: Callable[[], bool], progress: Callable[[], int], nap_s: float
+    ) -> None:
+        self._loop = loop
+        self._is_full = is_full
+        self._progress = progress
+        self._nap_s = nap_s
+        self._reader: tuple[int, Callable[[], object]] | None = None
+        self._nap: asyncio.TimerHandle | None = None
+        self.paused = False
+        self.pauses = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+    def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
+        self._reader = (fd, functools.partial(callback, *args))
+        self.paused = False
+        self._loop.add_reader(fd, self._readable)
+
+    def remove_reader(self, fd: int) -> bool:
+        self._reader = None
+        self.paused = False
+        if self._nap is not None:
+            self._nap.cancel()
+            self._nap = None
+        return self._loop.remove_reader(fd)
+
+    def _readable(self) -> None:
+        if self._reader is None:
+            return
+        fd, read = self._reader
+        if self._is_full():
+            self._loop.remove_reader(fd)
+            self.paused = True
+            self.pauses += 1
+            return
+        # aiomqtt's reader stops after one TLS record; read on while that brings messages.
+        for _ in range(READ_ROUNDS):
+            before = self._progress()
+            read()
+            if self._reader is None or self._progress() == before or self._is_full():
+                break
+        if self._nap_s > 0 and self._reader is not None:
+            self._loop.remove_reader(fd)
+            self._nap = self._loop.call_later(self._nap_s, self._wake)
+
+    def _wake(self) -> None:
+        self._nap = None
+        if self._reader is None or self.paused:
+            return
+        if self._is_full():
+            self.paused = True
+            self.pauses += 1
+            return
+        self._loop.add_reader(self._reader[0], self._readable)
+
+    def resume(self) -> None:
+        if self.paused and self._reader is not None:
+            self.paused = False
+            if self._nap is None:
+                self._loop.add_reader(self._reader[0], self._readable)
+
+
+class _IngestClient(aiomqtt.Client):
+    """aiomqtt's client plus what aiomqtt 2.x lacks for an ingest: manual acknowledgements
+    (paho's public API; aiomqtt#345) and pausing the socket reader for back-pressure.
+    Both reach into aiomqtt's paho client and loop reference; aiomqtt is pinned < 3."""
+
+    def __init__(
+        self, hostname: str, port: int, *, inbox: _Inbox, high_water: int, read_nap_s: float, **kwargs: Any
+    ) -> None:
+        super().__init__(
+            hostname,
+            port,
+            queue_type=cast("type[asyncio.Queue[aiomqtt.Message]]", lambda maxsize=0: inbox),
+            max_queued_incoming_messages=inbox.maxsize,
+            **kwargs,
+        )
+        self.inbox = inbox
+        self.gate = _ReaderGate(self._loop, lambda: inbox.qsize() >= high_water, lambda: inbox.received, read_nap_s)
+        self._loop = cast("asyncio.AbstractEventLoop", self.gate)
+        self._client.manual_ack_set(True)
+        self.pending_calls_threshold = 10_000  # receipts are published in bursts on purpose
+
+    def ack(self, mid: int, qos: int) -> None:
+        """Send the PUBACK for a message received at QoS 1 (no-op for QoS 0)."""
+        if qos:
+            self._client.ack(mid, qos)
+
+
+@dataclass
+class Decided:
+    """What the verify stage made of one batch (sent back from a worker process)."""
+
+    records: list[Accepted] = field(default_factory=list)
+    rejected: Counter[str] = field(default_factory=Counter)
+    examples: list[Rejection] = field(default_factory=list)
+    replayed: list[tuple[str, int]] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)
+    skew: dict[str, int | None] = field(default_factory=dict)
+    late: int = 0
+    gaps: int = 0
+    crl_reloaded: bool = False
+
+    def merge(self, other: Decided) -> Decided:
+        self.records += other.records
+        self.rejected.update(other.rejected)
+        self.examples += other.examples
+        self.replayed += other.replayed
+        self.roles.update(other.roles)
+        self.skew.update(other.skew)
+        self.late += other.late
+        self.gaps += other.gaps
+        self.crl_reloaded |= other.crl_reloaded
+        return self
+
+
+class Decider:
+    """An `IngestCore` with its own key registry, for the senders routed to it. Lives on
+    the verify thread or in a verify worker process; never shared between threads."""
+
+    def __init__(self, settings: GatewaySettings, seeds: Mapping[str, int]) -> None:
+        self.registry = KeyRegistry(settings.pki)
+        self.core = IngestCore(
+            self.registry,
+            window=settings.replay_window,
+            skew_bound_ms=settings.skew_bound_ms,
+            skew_window_ms=settings.skew_window_s * 1000,
+        )
+        for device, last_seq in seeds.items():
+            self.core.seed(device, last_seq)
+        self._roles: dict[str, str | None] = {}
+
+    def decide(self, raw: Sequence[tuple[str, bytes, int]]) -> Decided:
+        """Verify and classify messages `(topic, payload, recv_ms)`. The CRL is re-read
+        first if its file changed (one stat call), so a revocation applies from the next
+        batch on."""
+        out = Decided(crl_reloaded=self.registry.refresh())
+        ingest = self.core.ingest
+        records = out.records
+        for topic, payload, recv_ms in raw:
+            result = ingest(topic, payload, recv_ms)
+            if isinstance(result, Accepted):
+                records.append(result)
+                if result.late:
+                    out.late += 1
+                if result.gap is not None:
+                    out.gaps += 1
+                continue
+            out.rejected[result.reason] += 1
+            if len(out.examples) < LOG_REJECTIONS:
+                out.examples.append(result)
+            if result.sender is not None and result.seq is not None:
+                out.replayed.append((result.sender, result.seq))
+        for device in {r.device_id for r in records}:
+            if device not in self._roles:
+                try:
+                    self._roles[device] = self.registry.lookup(device).role.value
+                except Rejected:
+                    self._roles[device] = None
+            role = self._roles[device]
+            if role is not None:
+                out.roles[device] = role
+            out.skew[device] = self.core.skew_ms(device)
+        return out
+
+
+def route(topic: str, workers: int) -> int:
+    """Which verify worker owns the sender of `topic` (stable, so each sender's replay
+    window and skew estimate live in exactly one place)."""
+    parts = topic.split("/", 3)
+    return zlib.crc32(parts[2].encode()) % workers if len(parts) > 3 else 0
+
+
+def _verify_worker(conn: Connection, settings: GatewaySettings, seeds: dict[str, int]) -> None:
+    """A verify worker process: batches in, `Decided` out, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway process stops its workers
+    decider = Decider(settings, seeds)
+    conn.send("ready")
+    while True:
+        try:
+            raw = conn.recv()
+        except EOFError:
+            return
+        if raw is None:
+            return
+        conn.send(decider.decide(raw))
+
+
+class _ThreadVerifier:
+    """Verifies on one thread of this process (`verify_workers = 0`)."""
+
+    def __init__(self, settings: GatewaySettings, seeds: Mapping[str, int]) -> None:
+        self._decider = Decider(settings, seeds)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bl-gateway-verify")
+
+    async def start(self) -> None:
+        return
+
+    def submit(self, raw: list[tuple[str, bytes, int]]) -> Awaitable[Decided]:
+        """Queue a batch; batches are decided in the order submitted."""
+        return asyncio.get_running_loop().run_in_executor(self._thread, self._decider.decide, raw)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=True)
+
+
+class _ProcessVerifier:
+    """Verifies in `n` worker processes, each owning the senders `route` gives it, so
+    signature checks use other cores. Per worker, one thread sends batches down its pipe
+    and one reads results back in order, so a worker can be given the next batch while
+    it still works on one."""
+
+    def __init__(self, settings: GatewaySettings, seeds: Mapping[str, int], n: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._n = n
+        self._workers: list[tuple[BaseProcess, Connection]] = []
+        for i in range(n):
+            parent, child = ctx.Pipe()
+            mine = {device: seq for device, seq in seeds.items() if route(f"bl/v1/{device}/up", n) == i}
+            proc = ctx.Process(target=_verify_worker, args=(child, settings, mine), name=f"bl-verify-{i}", daemon=True)
+            proc.start()
+            child.close()
+            self._workers.append((proc, parent))
+        self._senders = [ThreadPoolExecutor(1, thread_name_prefix=f"bl-verify-send-{i}") for i in range(n)]
+        self._pending: list[deque[asyncio.Future[Decided]]] = [deque() for _ in range(n)]
+        self._readers: list[threading.Thread] = []
+        self._failed: IngestError | None = None
+        self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Wait until every worker has loaded its keys, then start reading results."""
+        loop = self._loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(self._senders[i], self._hello, i) for i in range(self._n)))
+        for i in range(self._n):
+            reader = threading.Thread(target=self._read, args=(i, loop), name=f"bl-verify-recv-{i}", daemon=True)
+            reader.start()
+            self._readers.append(reader)
+
+    def _hello(self, i: int) -> None:
+        proc, conn = self._workers[i]
+        try:
+            conn.recv()
+        except EOFError:
+            proc.join(1)
+            raise IngestError(f"verify worker {i} did not start (exit code {proc.exitcode})") from None
+
+    def _read(self, i: int, loop: asyncio.AbstractEventLoop) -> None:
+        proc, conn = self._workers[i]
+        while True:
+            try:
+                result = conn.recv()
+            except (EOFError, OSError):
+                if not self._closing:
+                    proc.join(1)
+                    loop.call_soon_threadsafe(self._fail, i, proc.exitcode)
+                return
+            loop.call_soon_threadsafe(self._resolve, i, result)
+
+    def _resolve(self, i: int, result: Decided) -> None:
+        future = self._pending[i].popleft()
+        if not future.done():
+            future.set_result(result)
+
+    def _fail(self, i: int, code: int | None) -> None:
+        self._failed = IngestError(f"verify worker {i} exited (code {code})")
+        for pending in self._pending:
+            while pending:
+                future = pending.popleft()
+                if not future.done():
+                    future.set_exception(self._failed)
+
+    def submit(self, raw: list[tuple[str, bytes, int]]) -> Awaitable[Decided]:
+        """Queue a batch; batches are decided in the order submitted."""
+        if self._failed is not None:
+            raise self._failed
+        assert self._loop is not None, "start() first"
+        if self._n == 1:
+            return self._send(0, raw)
+        parts: dict[int, list[tuple[str, bytes, int]]] = {}
+        for item in raw:
+            parts.setdefault(route(item[0], self._n), []).append(item)
+        return self._merge([self._send(i, part) for i, part in parts.items()])
+
+    def _send(self, i: int, raw: list[tuple[str, bytes, int]]) -> asyncio.Future[Decided]:
+        assert self._loop is not None
+        future: asyncio.Future[Decided] = self._loop.create_future()
+        self._pending[i].append(future)
+        sent = self._loop.run_in_executor(self._senders[i], self._workers[i][1].send, raw)
+        sent.add_done_callback(functools.partial(self._sent, i))
+        return future
+
+    def _sent(self, i: int, sent: asyncio.Future[None]) -> None:
+        if not sent.cancelled() and sent.exception() is not None and not self._closing:
+            self._fail(i, self._workers[i][0].exitcode)
+
+    @staticmethod
+    async def _merge(parts: list[asyncio.Future[Decided]]) -> Decided:
+        return functools.reduce(Decided.merge, await asyncio.gather(*parts), Decided())
+
+    def close(self) -> None:
+        self._closing = True
+        for sender, (_proc, conn) in zip(self._senders, self._workers, strict=True):
+            with contextlib.suppress(OSError, RuntimeError):
+                sender.submit(conn.send, None).result(timeout=5)
+            sender.shutdown(wait=True)
+        for proc, _conn in self._workers:
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+        for reader in self._readers:
+            reader.join(5)
+        for _proc, conn in self._workers:
+            conn.close()
+
+
+@dataclass
+class _Batch:
+    """Messages received on one connection; decided; committed; then acknowledged on
+    that connection."""
+
+    client: _IngestClient
+    acks: list[tuple[int, int]] = field(default_factory=list)
+    raw: list[tuple[str, bytes, int]] = field(default_factory=list)
+    decided: Decided = field(default_factory=Decided)
+
+
+def _connect_properties(settings: GatewaySettings) -> Properties:
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+    props.SessionExpiryInterval = settings.session_expiry_s
+    props.ReceiveMaximum = settings.queue_bound
+    return props
+
+
+class Ingest:
+    """Runs the MQTT subscription, the verify and write stages and the receipt sender
+    until cancelled."""
+
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        store: Store,
+        *,
+        tls_context: ssl.SSLContext,
+        signer: Signer,
+        clock_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        if signer.kid != settings.gateway_id:
+            raise IngestError(f"receipts must be signed by {settings.gateway_id!r}, not {signer.kid!r}")
+        self.settings = settings
+        self.store = store
+        self.counts = IngestCounts()
+        self.receipts = ReceiptBook(settings.receipt_interval_ms)
+        self.connected = asyncio.Event()
+        self._tls = tls_context
+        self._signer = signer
+        self._clock_ms = clock_ms
+        self._client: _IngestClient | None = None
+        self._inbox: _Inbox | None = None
+        self._lost_qos1 = False
+        self._received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
+        self._verifying: asyncio.Queue[tuple[_Batch, Awaitable[Decided]]] = asyncio.Queue(STAGE_DEPTH)
+        self._decided: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
+        self._receipts_ready = asyncio.Event()
+        self._db_thread: ThreadPoolExecutor | None = None
+        self._seq_next = 0
+        self._seq_end = 0
+        self._logged: Counter[str] = Counter()
+        self.committed = 0
+        self.overflow = 0
+        self.receipts_sent = 0
+        self.receipts_failed = 0
+        self.rate = 0.0
+
+    # -- public ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Ingest until cancelled. Messages not yet committed when it stops were not
+        acknowledged, so the broker delivers them again on the next start."""
+        s = self.settings
+        self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bl-gateway-db")
+        verifier: _ThreadVerifier | _ProcessVerifier | None = None
+        try:
+            seeds = await self._on(self._db_thread, self.store.last_seqs)
+            n = s.verify_workers
+            verifier = _ProcessVerifier(s, seeds, n) if n else _ThreadVerifier(s, seeds)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._connection_loop(), name="ingest-mqtt")
+                tg.create_task(self._dispatch_loop(verifier), name="ingest-dispatch")
+                tg.create_task(self._verify_loop(), name="ingest-verify")
+                tg.create_task(self._write_loop(), name="ingest-write")
+                tg.create_task(self._receipt_loop(), name="ingest-receipts")
+                tg.create_task(self._report_loop(), name="ingest-report")
+        finally:
+            if verifier is not None:
+                verifier.close()
+            self._db_thread.shutdown(wait=True)
+
+    def live(self) -> dict[str, Any]:
+        """This process's figures, for `/api/v1/stats`."""
+        return {
+            "connected": self._client is not None,
+            "mqtt_protocol": self.settings.mqtt_protocol,
+            "verify_workers": self.settings.verify_workers,
+            "inbox": self._inbox.qsize() if self._inbox is not None else 0,
+            "queue_bound": self.settings.queue_bound,
+            "batches_waiting": self._received.qsize() + self._verifying.qsize() + self._decided.qsize(),
+            "accepted_per_s": round(self.rate, 1),
+            "overflow": self.overflow,
+            "read_pauses": self._client.gate.pauses if self._client is not None else 0,
+            "receipts_sent": self.receipts_sent,
+            "receipts_failed": self.receipts_failed,
+            "receipts_owed": self.receipts.pending,
+        }
+
+    # -- stage 1: MQTT (event loop) -------------------------------------------
+    def _new_client(self) -> _IngestClient:
+        s = self.settings
+        v5 = s.mqtt_protocol == "5"
+        return _IngestClient(
+            s.broker_host,
+            s.broker_port,
+            inbox=_Inbox(s.queue_bound, s.batch_size, self._clock_ms, self._overflowed),
+            high_water=s.queue_bound - READ_MARGIN,
+            read_nap_s=READ_NAP_S,
+            identifier=f"{s.gateway_id}-ingest",
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+            clean_session=None if v5 else False,
+            properties=_connect_properties(s) if v5 else None,
+            tls_context=self._tls,
+            keepalive=30,
+        )
+
+    def _overflowed(self, message: aiomqtt.Message) -> None:
+        self.overflow += 1
+        if message.qos:
+            self._lost_qos1 = True
+        log.error("inbox full: dropped a QoS %d message on %s", message.qos, message.topic)
+
+    async def _connection_loop(self) -> None:
+        s = self.settings
+        topic = shared(s.share_group, UP_FILTER)
+        attempt = 0
+        while True:
+            client = self._new_client()
+            self._lost_qos1 = False
+            try:
+                async with client:
+                    granted = await client.subscribe(topic, qos=1)
+                    if any(getattr(code, "value", code) >= 0x80 for code in granted):
+                        raise IngestError(f"the broker refused the subscription to {topic}: {granted}")
+                    self._client, self._inbox = client, client.inbox
+                    self.connected.set()
+                    attempt = 0
+                    log.info("ingest connected to %s as %s-ingest (MQTT %s), subscribed to %s",
+                             s.broker, s.gateway_id, s.mqtt_protocol, topic)
+                    await self._receive(client)
+            except (aiomqtt.MqttError, IngestError) as exc:
+                log.warning("ingest connection to %s: %s", s.broker, exc)
+            finally:
+                if self._client is client:
+                    self._client = None
+                    self.connected.clear()
+            delay = backoff(attempt)
+            attempt += 1
+            log.info("ingest reconnecting in %.1fs", delay)
+            await asyncio.sleep(delay)
+
+    async def _receive(self, client: _IngestClient) -> None:
+        """Fill batches: up to `batch_size` messages or `batch_latency_ms` after the first."""
+        inbox, gate = client.inbox, client.gate
+        low_water = inbox.maxsize // 2
+        size = self.settings.batch_size
+        latency = self.settings.batch_latency_ms / 1000
+        loop = asyncio.get_running_loop()
+        async for first in client.messages:
+            batch = _Batch(client)
+            acks, raw = batch.acks, batch.raw
+            if inbox.qsize() + 1 < size:  # let the batch fill, waking once rather than per message
+                inbox.full_batch.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(loop.time() + latency):
+                        await inbox.full_batch.wait()
+            message = first
+            while True:
+                acks.append((message.mid, message.qos))
+                payload = message.payload
+                raw.append((message.topic.value, payload if isinstance(payload, bytes) else b"", inbox.last_recv_ms))
+                if len(acks) >= size:
+                    break
+                if gate.paused and inbox.qsize() <= low_water:
+                    gate.resume()
+                try:
+                    message = inbox.get_nowait()
+                except asyncio.QueueEmpty:
+                    break
+            if gate.paused and inbox.qsize() <= low_water:
+                gate.resume()
+            await self._received.put(batch)
+            if self._lost_qos1:
+                raise IngestError("a QoS 1 message did not fit the inbox; reconnecting so the broker redelivers it")
+
+    # -- stage 2: verify (worker processes) ----------------------------------
+    async def _on(self, executor: ThreadPoolExecutor | None, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, functools.partial(fn, *args))
+
+    async def _dispatch_loop(self, verifier: _ThreadVerifier | _ProcessVerifier) -> None:
+        """Hand batches to the verifier without waiting for earlier ones to come back."""
+        await verifier.start()  # meanwhile the subscription is made and the inbox fills
+        while True:
+            batch = await self._received.get()
+            decided = verifier.submit(batch.raw)
+            batch.raw = []
+            await self._verifying.put((batch, decided))
+
+    async def _verify_loop(self) -> None:
+        counts = self.counts
+        while True:
+            batch, pending = await self._verifying.get()
+            decided = batch.decided = await pending
+            if decided.crl_reloaded:
+                log.info("CRL reloaded: revoked senders are rejected from now on")
+            counts.accepted += len(decided.records)
+            counts.late += decided.late
+            counts.gaps += decided.gaps
+            for reason, n in decided.rejected.items():
+                counts.rejected[reason] = counts.rejected.get(reason, 0) + n
+            for rejection in decided.examples:
+                self._log_rejection(rejection)
+            await self._decided.put(batch)
+
+    def _log_rejection(self, rejection: Rejection) -> None:
+        self._logged[rejection.reason] += 1
+        if self._logged[rejection.reason] <= LOG_REJECTIONS:
+            log.warning("rejected %s on %s: %s", rejection.reason, rejection.topic[:200], rejection.detail[:200])
+
+    # -- stage 3: store (database thread) -------------------------------------
+    async def _write_loop(self) -> None:
+        while True:
+            batch = await self._decided.get()
+            result = await self._commit(batch)
+            self.committed += result.inserted
+            self._ack(batch)
+            for device, seqs in result.receipts.items():
+                self.receipts.add(device, seqs)
+            if result.receipts:
+                self._receipts_ready.set()
+
+    async def _commit(self, batch: _Batch) -> BatchResult:
+        d = batch.decided
+        write = functools.partial(
+            self.store.write_batch,
+            d.records,
+            rejected=d.rejected,
+            replayed=d.replayed,
+            roles=d.roles,
+            skew=d.skew,
+            counters={"late": d.late, "gaps": d.gaps},
+        )
+        delay = 0.1
+        while True:
+            try:
+                return await self._on(self._db_thread, write)
+            except sqlite3.OperationalError:
+                log.exception("store write failed; retrying in %.1fs (the messages stay unacknowledged)", delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _ack(self, batch: _Batch) -> None:
+        """Acknowledge a committed batch on the connection it came in on. If that
+        connection is gone, the broker redelivers and the store de-duplicates."""
+        if batch.client is not self._client:
+            return
+        ack = batch.client.ack
+        for mid, qos in batch.acks:
+            ack(mid, qos)
+
+    # -- receipts (event loop) ------------------------------------------------
+    async def _receipt_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(RECEIPT_TICK_S):
+                    await self._receipts_ready.wait()
+            self._receipts_ready.clear()
+            client = self._client
+            if client is None:
+                continue
+            due = self.receipts.due(self._clock_ms())
+            if due:
+                await self._send_receipts(client, due)
+
+    async def _take_seqs(self, n: int) -> int:
+        if self._seq_next + n > self._seq_end:
+            block = max(SEQ_BLOCK, n)
+            first = await self._on(self._db_thread, self.store.reserve_seqs, self.settings.gateway_id, block)
+            self._seq_next, self._seq_end = first, first + block
+        first = self._seq_next
+        self._seq_next += n
+        return first
+
+    async def _send_receipts(self, client: aiomqtt.Client, due: list[tuple[str, list[int]]]) -> None:
+        seq = await self._take_seqs(len(due))
+        now = self._clock_ms()
+        gateway_id = self.settings.gateway_id
+        sends = []
+        for i, (device, seqs) in enumerate(due):
+            data = seal(Message(gateway_id, seq + i, now, "cmd", receipt_body(seqs)), self._signer)
+            sends.append(client.publish(str(Topic.down(device, "cmd")), data, qos=1))
+        for outcome in await asyncio.gather(*sends, return_exceptions=True):
+            if isinstance(outcome, aiomqtt.MqttError):
+                self.receipts_failed += 1
+                log.debug("receipt not sent: %s", outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+            else:
+                self.receipts_sent += 1
+
+    # -- housekeeping ---------------------------------------------------------
+    async def _report_loop(self) -> None:
+        interval = self.settings.report_interval_s
+        counts = self.counts
+        last_accepted, last_rejected = counts.accepted, dict(counts.rejected)
+        loop = asyncio.get_running_loop()
+        last_t = loop.time()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            accepted, rejected_now = counts.accepted, dict(counts.rejected)
+            self.rate = (accepted - last_accepted) / (now - last_t)
+            new = {reason: n - last_rejected.get(reason, 0) for reason, n in rejected_now.items()}
+            if accepted != last_accepted or any(new.values()):
+                log.info(
+                    "ingest: %.0f accepted/s (%d since start), rejected: %s; inbox %d/%d, receipts sent %d",
+                    self.rate, accepted, " ".join(f"{r}={n}" for r, n in sorted(new.items()) if n) or "none",
+                    self._inbox.qsize() if self._inbox is not None else 0, self.settings.queue_bound,
+                    self.receipts_sent,
+                )
+            last_accepted, last_rejected, last_t = accepted, rejected_now, now
+            self._logged.clear()
