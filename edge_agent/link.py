@@ -155,7 +155,7 @@ class Link:
         self.connected = asyncio.Event()
         self._tls = tls_context
         self._clock = clock
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._client: _Client | None = None

@@ -171,7 +171,7 @@ class SimulatedGps:
         self.last_fix: Fix | None = None
 
     async def readings(self, clock: Clock) -> AsyncGenerator[Reading, None]:
-        rng = random.Random(self.seed)  # noqa: S311 - simulation, not security
+        rng = random.Random(self.seed)
         period = 1.0 / self.rate_hz
         start = clock.now_ms()
         error = initial_noise(self.sigma_m, rng)

@@ -10,6 +10,7 @@ raw `r || s` (64 bytes), as COSE requires. See docs/protocol.md.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections.abc import Mapping
@@ -104,7 +105,7 @@ class KeySigner:
 
     def sign_bytes(self, data: bytes) -> bytes:
         if isinstance(self.key, ec.EllipticCurvePrivateKey):
-            r, s = decode_dss_signature(self.key.sign(data, ec.ECDSA(hashes.SHA256())))
+            r, s = decode_dss_signature(self.key.sign(data, _ES256_HASH))
             return r.to_bytes(_P256_BYTES, "big") + s.to_bytes(_P256_BYTES, "big")
         return self.key.sign(data)
 
@@ -122,8 +123,25 @@ def algorithm_for(key: PrivateKey | PublicKey) -> int:
     raise UnsupportedAlgorithm(f"unsupported key type {type(key).__name__}")
 
 
+_SIG1_PREFIX = b"\x84\x6aSignature1"  # array(4), text(10) "Signature1"
+_ES256_HASH = ec.ECDSA(hashes.SHA256())
+
+
+def _bstr_head(length: int) -> bytes:
+    """The CBOR head of a byte string of `length` bytes (major type 2, shortest form)."""
+    if length < 24:
+        return bytes([0x40 | length])
+    if length < 0x100:
+        return bytes([0x58, length])
+    if length < 0x10000:
+        return b"\x59" + length.to_bytes(2, "big")
+    return b"\x5a" + length.to_bytes(4, "big")
+
+
 def _sig_structure(protected: bytes, payload: bytes) -> bytes:
-    return cbor2.dumps(["Signature1", protected, b"", payload])
+    """`["Signature1", protected, h'', payload]`, encoded by hand: it is on every
+    message's hot path and its encoding is fixed by RFC 9052."""
+    return b"".join((_SIG1_PREFIX, _bstr_head(len(protected)), protected, b"\x40", _bstr_head(len(payload)), payload))
 
 
 def seal(message: Message, signer: Signer) -> bytes:
@@ -163,7 +181,7 @@ class Envelope:
                     raise InvalidSignature
                 r = int.from_bytes(self.signature[:_P256_BYTES], "big")
                 s = int.from_bytes(self.signature[_P256_BYTES:], "big")
-                key.verify(encode_dss_signature(r, s), tbs, ec.ECDSA(hashes.SHA256()))
+                key.verify(encode_dss_signature(r, s), tbs, _ES256_HASH)
             else:
                 key.verify(self.signature, tbs)
         except InvalidSignature:
@@ -200,6 +218,14 @@ def open_envelope(data: bytes) -> Envelope:
         raise Malformed("COSE_Sign1 protected header, payload and signature must be byte strings")
     if not isinstance(unprotected, dict):
         raise Malformed("COSE_Sign1 unprotected header must be a map")
+    alg, kid = _protected_header(protected)
+    return Envelope(alg, kid, protected, payload, signature)
+
+
+@functools.lru_cache(maxsize=4096)
+def _protected_header(protected: bytes) -> tuple[int, str]:
+    """(alg, kid) from a protected header. Each sender sends the same few bytes every
+    time, so decoded headers are cached (bounded; failures are not cached)."""
     header = _cbor_loads(protected, "protected header")
     if not isinstance(header, dict):
         raise Malformed("protected header must be a map")
@@ -212,7 +238,7 @@ def open_envelope(data: bytes) -> Envelope:
         kid = check_id(kid_bytes.decode("utf-8"))
     except (UnicodeDecodeError, InvalidId):
         raise Malformed("kid is not a valid identity") from None
-    return Envelope(alg, kid, protected, payload, signature)
+    return alg, kid
 
 
 def decode_payload(payload: bytes, *, sender: str | None = None) -> Message:
@@ -232,16 +258,31 @@ def decode_payload(payload: bytes, *, sender: str | None = None) -> Message:
         raise Malformed(f"payload: {exc}", sender=sender) from None
 
 
-def _is_plain(value: Any, depth: int = 0) -> bool:
-    """JSON-compatible data only, so every stored body can be served as JSON."""
-    if depth > 16:
-        return False
-    if value is None or isinstance(value, bool | int | str):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, list | tuple):
-        return all(_is_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
-    return False
+_SCALARS = (str, int, bool, type(None))
+
+
+def _is_plain(value: Any) -> bool:
+    """JSON-compatible data only (maps with text keys, lists, text, numbers, booleans,
+    null; no bytes, tags or non-finite floats; nesting at most 16 deep), so every stored
+    body can be served as JSON. Iterative: it runs on every message."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        kind = type(item)
+        if kind in _SCALARS:
+            continue
+        if kind is float:
+            if not math.isfinite(item):
+                return False
+        elif depth >= 16:
+            return False
+        elif kind is dict:
+            for key, child in item.items():
+                if type(key) is not str:
+                    return False
+                stack.append((child, depth + 1))
+        elif kind is list or kind is tuple:
+            stack.extend((child, depth + 1) for child in item)
+        else:
+            return False
+    return True

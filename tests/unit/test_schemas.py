@@ -62,7 +62,7 @@ def _model_ok(kind: str, body: dict[str, Any]) -> bool:
 
 
 def test_one_schema_per_kind_plus_the_payload() -> None:
-    assert {p.stem for p in SCHEMAS.glob("*.json")} == {*KINDS, "envelope-payload"}
+    assert {*KINDS, "envelope-payload"} <= {p.stem for p in SCHEMAS.glob("*.json")}
 
 
 @pytest.mark.parametrize("name", [*KINDS, "envelope-payload"])
