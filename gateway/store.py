@@ -3,7 +3,8 @@
 Tables::
 
     messages  (device_id, seq) PRIMARY KEY, kind, ts (device UTC ms), recv_ts (gateway
-              UTC ms), skewed, body (JSON text), raw (the signed envelope, re-verifiable)
+              UTC ms), stored_ts (UTC ms the batch was written), skewed, body (JSON text),
+              raw (the signed envelope, re-verifiable)
     devices   id, role, first_seen, last_seen, last_seq, stored, state, online,
               status_seq (the status message `state`/`online` come from), clock_skew_ms
     counters  name -> count: `accepted`, every rejection reason, `late`, `gaps`, `skewed`
@@ -18,6 +19,7 @@ read while the writer writes.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +37,8 @@ MISSING_LIMIT = 1000
 BUSY_TIMEOUT_MS = 10_000
 
 _INSERT = (
-    "INSERT OR IGNORE INTO messages (device_id, seq, kind, ts, recv_ts, skewed, body, raw) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT OR IGNORE INTO messages (device_id, seq, kind, ts, recv_ts, stored_ts, skewed, body, raw) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPSERT_DEVICE = """
 INSERT INTO devices (id, role, first_seen, last_seen, last_seq, stored, skewed, clock_skew_ms)
@@ -123,11 +125,11 @@ class Store:
         db.create_table(
             "messages",
             {
-                "device_id": str, "seq": int, "kind": str, "ts": int, "recv_ts": int,
+                "device_id": str, "seq": int, "kind": str, "ts": int, "recv_ts": int, "stored_ts": int,
                 "skewed": int, "body": str, "raw": bytes,
             },
             pk=("device_id", "seq"),
-            not_null=["device_id", "seq", "kind", "ts", "recv_ts", "skewed", "body", "raw"],
+            not_null=["device_id", "seq", "kind", "ts", "recv_ts", "stored_ts", "skewed", "body", "raw"],
             if_not_exists=True,
         )
         db.create_table(
@@ -169,9 +171,13 @@ class Store:
         conn = self.db.conn
         try:
             conn.execute("BEGIN IMMEDIATE")
+            stored_ms = time.time_ns() // 1_000_000
             cur = conn.cursor()
             for r in records:
-                cur.execute(_INSERT, (r.device_id, r.seq, r.kind, r.ts, r.recv_ms, int(r.skewed), r.body_json, r.raw))
+                cur.execute(
+                    _INSERT,
+                    (r.device_id, r.seq, r.kind, r.ts, r.recv_ms, stored_ms, int(r.skewed), r.body_json, r.raw),
+                )
                 new = cur.rowcount == 1
                 dev = devices.get(r.device_id)
                 if dev is None:
