@@ -17,40 +17,20 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
-
 from certs.pki import Pki
 from certs.registry import KeyRegistry
+from certs.signing import load_signer
 from certs.tls import client_context
 from edge_agent.drivers import Clock, Driver, Reading, SystemClock
 from edge_agent.drivers.gps import SimulatedGps
 from edge_agent.drivers.panic import SimulatedPanicButton
-from edge_agent.errors import ConfigError
 from edge_agent.link import Link
 from edge_agent.outbox import Outbox
 from edge_agent.settings import AgentSettings
-from edge_agent.wire.envelope import KeySigner, Signer
+from edge_agent.wire.envelope import Signer
 from edge_agent.wire.errors import Rejected
 
 log = logging.getLogger(__name__)
-
-
-def load_signer(pki: Pki, identity: str) -> KeySigner:
-    """The identity's message signer, from its private key (which must match its cert)."""
-    ident = pki.require_identity(identity)
-    try:
-        key = serialization.load_pem_private_key(ident.key.read_bytes(), password=None)
-        cert = x509.load_pem_x509_certificate(ident.cert.read_bytes())
-    except (OSError, ValueError, TypeError) as exc:
-        raise ConfigError(f"cannot load the key or certificate of {identity!r}: {exc.__class__.__name__}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | mldsa.MLDSA44PrivateKey):
-        raise ConfigError(f"{ident.key}: unsupported key type {type(key).__name__}")
-    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*raw) != cert.public_key().public_bytes(*raw):
-        raise ConfigError(f"{ident.key} does not belong to the certificate {ident.cert}")
-    return KeySigner(identity, key)
 
 
 class Agent:

@@ -20,14 +20,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable
-from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
-
+from certs.signing import load_signer
 from certs.tls import client_context, server_context
 from edge_agent.errors import BluelightError
-from edge_agent.wire.envelope import KeySigner
 from gateway.api import create_app
 from gateway.https import QuietServer, bind, server_config
 from gateway.ingest import Ingest
@@ -39,17 +35,6 @@ log = logging.getLogger(__name__)
 
 class GatewayError(BluelightError):
     """The gateway cannot start."""
-
-
-def load_signer(identity_id: str, key_path: Path) -> KeySigner:
-    """The gateway's message signer from its private key file."""
-    try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as exc:
-        raise GatewayError(f"cannot load the private key of {identity_id!r}: {exc}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | mldsa.MLDSA44PrivateKey):
-        raise GatewayError(f"the private key of {identity_id!r} is not a P-256, Ed25519 or ML-DSA-44 key")
-    return KeySigner(identity_id, key)
 
 
 class Gateway:
@@ -70,7 +55,7 @@ class Gateway:
         s = self.settings.require_pki()
         pki = s.pki
         identity = pki.require_identity(s.gateway_id)
-        signer = load_signer(s.gateway_id, identity.key)
+        signer = load_signer(s.pki, s.gateway_id)
         mqtt_tls = client_context(pki, identity)
         http_tls = server_context(pki, identity)
         sock = bind(s.http_host, s.http_port)

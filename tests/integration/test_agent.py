@@ -25,8 +25,9 @@ from paho.mqtt.properties import Properties
 
 from certs.pki import Identity, Pki
 from certs.registry import KeyRegistry
+from certs.signing import load_signer
 from certs.tls import client_context
-from edge_agent.agent import Agent, load_signer
+from edge_agent.agent import Agent
 from edge_agent.outbox import WILL_BODY
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.envelope import KeySigner, Message, open_envelope, seal
