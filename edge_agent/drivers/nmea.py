@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import math
+import operator
 import re
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,10 +72,7 @@ class NmeaError(ValueError):
 
 def checksum(payload: str) -> str:
     """The two-hex-digit XOR checksum of the characters between `$` and `*`."""
-    value = 0
-    for char in payload.encode("ascii"):
-        value ^= char
-    return f"{value:02X}"
+    return f"{functools.reduce(operator.xor, payload.encode('ascii'), 0):02X}"
 
 
 def sentence(payload: str) -> str:
@@ -407,7 +406,7 @@ class NmeaGps:
         """The telemetry body for one fix (None before the first position is known)."""
         fix_ts = fix_utc_ms(fix, now_ms)
         if fix.valid and (position := fix.position) is not None:
-            body: dict[str, Any] = {"lat": _round(position[0], 8), "lon": _round(position[1], 8)}
+            body: dict[str, Any] = {"lat": _round(position[0], 9), "lon": _round(position[1], 9)}
             gga, rmc = fix.gga, fix.rmc
             if gga is not None and gga.hdop is not None:
                 body["acc"] = _round(gga.hdop * self.uere_m, 2)
@@ -441,7 +440,7 @@ class NmeaGps:
         self.last_fix = Fix(stale["lat"], stale["lon"], stale.get("acc", 0.0))
         return stale
 
-    async def readings(self, clock: Clock) -> AsyncIterator[Reading]:
+    async def readings(self, clock: Clock) -> AsyncGenerator[Reading, None]:
         source = self._source(clock) if callable(self._source) else self._source
         async for line in source:
             for fix in self.assembler.feed(line):
@@ -465,7 +464,7 @@ class NmeaGps:
         return Reading("telemetry", body)
 
 
-async def lines_from_stream(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+async def lines_from_stream(reader: asyncio.StreamReader) -> AsyncGenerator[bytes, None]:
     """Lines from an `asyncio.StreamReader` (a serial port or gpsd socket), as bytes;
     the parser decodes and rejects what is not ASCII."""
     while line := await reader.readline():
