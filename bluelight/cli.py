@@ -17,6 +17,7 @@ from bluelight.demo import DemoSettings, run_demo
 from certs.cli import pki
 from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
+from firmware_sim.cli import sim
 from gateway.cli import gateway, tail
 
 
@@ -74,7 +75,7 @@ def demo(**options: Any) -> None:
     click.echo("demo: stopped", err=True)
 
 
-for _command in (pki, broker, agent, gateway, tail):
+for _command in (pki, broker, agent, gateway, tail, sim):
     cli.add_command(_command)
 
 
