@@ -21,9 +21,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bluelight.cli import BluelightGroup
+from bluelight.cli import cli
 from certs.pki import Pki
-from firmware_sim.cli import sim
 from firmware_sim.fleet import FleetOptions, run_fleet
 from firmware_sim.scenario import parse_scenario
 from firmware_sim.summary import GatewayApi
@@ -183,7 +182,6 @@ async def test_every_model_and_fault_end_to_end(
 
 
 def test_cli_lists_and_checks_scenarios(tmp_path: Path) -> None:
-    cli = BluelightGroup(commands={"sim": sim})
     runner = CliRunner()
     listed = runner.invoke(cli, ["sim", "list"])
     assert listed.exit_code == 0, listed.output
