@@ -281,10 +281,6 @@ def _squash_backtracks(loop: list[LatLon]) -> list[LatLon]:
     return loop
 
 
-#: The old private name (kept for callers that imported it).
-_project = project_to_segment
-
-
 @cache
 def _builtin() -> City:
     text = resources.files("firmware_sim.data").joinpath("city.geojson").read_text(encoding="utf-8")

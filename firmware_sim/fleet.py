@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import random
 import resource
 import sqlite3
@@ -47,11 +46,11 @@ from certs.tls import client_context
 from edge_agent.agent import Agent
 from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
-from edge_agent.drivers.gps import LatLon, bearing_deg, displacement_m, distance_m
+from edge_agent.drivers.gps import LatLon, bearing_deg, distance_m
 from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.ids import Role
-from firmware_sim.city import City
+from firmware_sim.city import City, project_to_segment
 from firmware_sim.clock import SimClock, SkewedClock
 from firmware_sim.faults import Capture, CutProxy, ForgeableSigner, garbage_payloads, publish_raw, uplink
 from firmware_sim.kit import Kit, build_kit
@@ -273,15 +272,6 @@ def street_path(city: City, stops: Sequence[LatLon]) -> list[LatLon]:
     return points
 
 
-def _nearest_on_segment(p: LatLon, a: LatLon, b: LatLon) -> tuple[float, float]:
-    """(metres from `p` to segment a-b, fraction along a-b of the nearest point)."""
-    bn, be = displacement_m(a, b)
-    pn, pe = displacement_m(a, p)
-    length2 = bn * bn + be * be
-    t = 0.0 if length2 == 0 else max(0.0, min(1.0, (pn * bn + pe * be) / length2))
-    return math.hypot(pn - t * bn, pe - t * be), t
-
-
 @dataclass(frozen=True)
 class Pass:
     """A vehicle passing a camera: when (seconds into its drive), how close, which way."""
@@ -301,7 +291,7 @@ def camera_passes(path: Sequence[LatLon], speed_mps: float, cameras: Sequence[Se
     for cam in cameras:
         best: tuple[float, float, float] | None = None
         for i, (a, b) in enumerate(itertools.pairwise(path)):
-            dist, frac = _nearest_on_segment(cam.site, a, b)
+            dist, frac = project_to_segment(cam.site, a, b)
             if best is None or dist < best[0]:
                 along = cumulative[i] + frac * (cumulative[i + 1] - cumulative[i])
                 best = (dist, along, bearing_deg(a, b))
