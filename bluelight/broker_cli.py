@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -50,13 +51,17 @@ def run(pki_dir: Path, port: int, host: str, data_dir: Path | None, gateway_ids:
     settings = _settings(pki_dir, port, host, data_dir, gateway_ids)
 
     async def _run() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        # SIGTERM stops Mosquitto too, like Ctrl-C: never leave an orphaned broker.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
         async with Broker(settings) as b:
             click.echo(f"broker: mqtts://{host}:{port} (config {b.config_path})", err=True)
             return await b.supervise()
 
     try:
         code = asyncio.run(_run())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):
         code = 0
     if code:
         raise BrokerError(f"mosquitto exited with status {code}; see its log above")
