@@ -145,8 +145,14 @@ async def assert_exactly_once(gw: GatewayProcess, agent: Agent) -> None:
     assert not missing, f"{agent.id}: {len(missing)} of {len(produced)} never stored: {missing[:20]}"
 
 
-async def drained(agents: list[Agent], bursts: list[Burst]) -> bool:
-    return all(b.done.is_set() for b in bursts) and all(sum(a.outbox.stats().pending.values()) == 0 for a in agents)
+async def wait_drained(agents: list[Agent], bursts: list[Burst], within_s: float = 60) -> None:
+    """Until every burst is produced and every outbox is empty (all receipted)."""
+    deadline = time.monotonic() + within_s
+    while not (
+        all(b.done.is_set() for b in bursts) and all(sum(a.outbox.stats().pending.values()) == 0 for a in agents)
+    ):
+        assert time.monotonic() < deadline, [a.outbox.stats() for a in agents]
+        await asyncio.sleep(0.2)
 
 
 async def test_broker_sigkill_with_messages_queued_for_gateway(
@@ -179,10 +185,7 @@ async def test_broker_sigkill_with_messages_queued_for_gateway(
             await wait_for(lambda: gateway.connections() >= 2, 30, "the gateway to reconnect")
             reconnected_ms = time.time_ns() // 1_000_000
             await proxy.open()
-            deadline = time.monotonic() + 60
-            while not await drained(agents, bursts):
-                assert time.monotonic() < deadline, [a.outbox.stats() for a in agents]
-                await asyncio.sleep(0.2)
+            await wait_drained(agents, bursts)
             for agent in agents:
                 agent.stop()
     await proxy.cut()
@@ -211,10 +214,7 @@ async def test_gateway_sigkill_and_restart(pki: Pki, crash_broker: MosquittoProc
             assert agents[1].emit(Reading("event", {"type": "panic", "lat": 51.5, "lon": -0.12})) is not None
             await asyncio.sleep(1.5)
             gateway.start()
-            deadline = time.monotonic() + 60
-            while not await drained(agents, bursts):
-                assert time.monotonic() < deadline, [a.outbox.stats() for a in agents]
-                await asyncio.sleep(0.2)
+            await wait_drained(agents, bursts)
             for agent in agents:
                 agent.stop()
     for agent in agents:
