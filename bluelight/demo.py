@@ -23,9 +23,9 @@ from pathlib import Path
 from bluelight.broker import Broker, BrokerSettings
 from certs.pki import Pki
 from edge_agent.agent import Agent
-from edge_agent.drivers.gps import LatLon, offset
 from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.settings import AgentSettings
+from edge_agent.wire.geo import LatLon, offset
 from edge_agent.wire.ids import Role
 
 log = logging.getLogger(__name__)

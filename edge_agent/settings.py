@@ -22,8 +22,9 @@ from typing import Any, Literal
 
 from certs.pki import Pki
 from edge_agent.config import build, load_section, parse_hostport
-from edge_agent.drivers.gps import LONDON_LOOP, LatLon, Route
+from edge_agent.drivers.gps import LONDON_LOOP, Route
 from edge_agent.errors import ConfigError
+from edge_agent.wire.geo import LatLon
 from edge_agent.wire.ids import InvalidId, check_id
 
 SECTION = "agent"

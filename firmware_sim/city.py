@@ -25,7 +25,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from edge_agent.drivers.gps import LatLon, displacement_m, distance_m, offset
+from edge_agent.wire.geo import LatLon, displacement_m, distance_m, offset
 
 #: Feature kinds that are streets (everything else is scenery).
 STREET_KINDS = frozenset({"primary", "residential", "service"})

@@ -46,9 +46,9 @@ from certs.tls import client_context
 from edge_agent.agent import Agent
 from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
-from edge_agent.drivers.gps import LatLon, bearing_deg, distance_m
 from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.settings import AgentSettings
+from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
 from edge_agent.wire.ids import Role
 from firmware_sim.city import City, project_to_segment
 from firmware_sim.clock import SimClock, SkewedClock

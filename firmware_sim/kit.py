@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge_agent.drivers import Clock, Driver
-from edge_agent.drivers.gps import LatLon
 from edge_agent.drivers.nmea import NmeaGps
+from edge_agent.wire.geo import LatLon
 from firmware_sim.city import City
 from firmware_sim.models import (
     AcousticSensor,

@@ -30,8 +30,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from edge_agent.drivers.gps import LatLon
 from edge_agent.errors import ConfigError
+from edge_agent.wire.geo import LatLon
 from edge_agent.wire.ids import InvalidId, check_id
 from firmware_sim.city import City, CityError
 

@@ -21,10 +21,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from edge_agent.drivers import Clock, Reading
-
-EARTH_RADIUS_M = 6_371_008.8
-
-LatLon = tuple[float, float]
+from edge_agent.wire.geo import LatLon, bearing_deg, displacement_m, distance_m, offset
 
 #: A loop of about 3.4 km through central London (Trafalgar Square, Strand, Aldwych,
 #: Waterloo Bridge, Waterloo, County Hall, Westminster Bridge, Whitehall).
@@ -38,36 +35,6 @@ LONDON_LOOP: tuple[LatLon, ...] = (
     (51.50070, -0.12630),
     (51.50440, -0.12640),
 )
-
-
-def distance_m(a: LatLon, b: LatLon) -> float:
-    """Great-circle (haversine) distance between two points."""
-    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
-    h = math.sin((lat2 - lat1) / 2) ** 2 + math.cos(lat1) * math.cos(lat2) * math.sin((lon2 - lon1) / 2) ** 2
-    return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
-
-
-def bearing_deg(a: LatLon, b: LatLon) -> float:
-    """Initial bearing from `a` to `b`, in [0, 360)."""
-    lat1, lon1, lat2, lon2 = map(math.radians, (*a, *b))
-    y = math.sin(lon2 - lon1) * math.cos(lat2)
-    x = math.cos(lat1) * math.sin(lat2) - math.sin(lat1) * math.cos(lat2) * math.cos(lon2 - lon1)
-    return math.degrees(math.atan2(y, x)) % 360.0
-
-
-def offset(point: LatLon, north_m: float, east_m: float) -> LatLon:
-    """Move `point` by a small local displacement (metres north and east)."""
-    lat, lon = point
-    dlat = math.degrees(north_m / EARTH_RADIUS_M)
-    dlon = math.degrees(east_m / (EARTH_RADIUS_M * math.cos(math.radians(lat))))
-    return lat + dlat, lon + dlon
-
-
-def displacement_m(origin: LatLon, point: LatLon) -> tuple[float, float]:
-    """The inverse of `offset`: (north, east) metres from `origin` to a nearby `point`."""
-    north = math.radians(point[0] - origin[0]) * EARTH_RADIUS_M
-    east = math.radians(point[1] - origin[1]) * EARTH_RADIUS_M * math.cos(math.radians(origin[0]))
-    return north, east
 
 
 @dataclass(frozen=True)

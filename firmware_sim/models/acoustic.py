@@ -21,7 +21,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
-from edge_agent.drivers.gps import LatLon, distance_m
+from edge_agent.wire.geo import LatLon, distance_m
 from firmware_sim.models.base import EventModel
 from firmware_sim.truth import TruthLog
 

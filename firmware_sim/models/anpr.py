@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edge_agent.drivers.gps import LatLon
+from edge_agent.wire.geo import LatLon
 from firmware_sim.models.base import EventModel
 from firmware_sim.truth import TruthLog
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from edge_agent.drivers import Reading
-from edge_agent.drivers.gps import LatLon
+from edge_agent.wire.geo import LatLon
 from firmware_sim.models.base import FIRMWARE_VERSION, EventModel, PositionSource
 from firmware_sim.truth import TruthLog
 

@@ -31,8 +31,9 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from edge_agent.drivers import Clock
-from edge_agent.drivers.gps import LatLon, Route, displacement_m, offset
+from edge_agent.drivers.gps import Route
 from edge_agent.drivers.nmea import DEFAULT_UERE_M, KNOT_MPS, sentence
+from edge_agent.wire.geo import LatLon, displacement_m, offset
 from firmware_sim.city import Tunnel
 from firmware_sim.models.base import Model
 from firmware_sim.models.motion import MotionState, Trajectory

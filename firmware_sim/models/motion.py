@@ -18,7 +18,8 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from edge_agent.drivers.gps import LatLon, Route, bearing_deg, distance_m
+from edge_agent.drivers.gps import Route
+from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
 
 #: Points closer than this are the same point.
 _SAME_M = 0.01

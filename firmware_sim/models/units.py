@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edge_agent.drivers import Clock, Driver
-from edge_agent.drivers.gps import Fix, LatLon, Route
+from edge_agent.drivers.gps import Fix, Route
 from edge_agent.drivers.nmea import NmeaGps
+from edge_agent.wire.geo import LatLon
 from firmware_sim.city import Tunnel
 from firmware_sim.models.acoustic import AcousticSensor
 from firmware_sim.models.anpr import AnprCamera

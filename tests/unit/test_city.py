@@ -11,7 +11,8 @@ from importlib import resources
 
 import pytest
 
-from edge_agent.drivers.gps import Route, distance_m
+from edge_agent.drivers.gps import Route
+from edge_agent.wire.geo import distance_m
 from firmware_sim.city import City, CityError, Tunnel
 from firmware_sim.data import make_city
 

@@ -10,20 +10,9 @@ import statistics
 import pytest
 
 from edge_agent.drivers import Reading
-from edge_agent.drivers.gps import (
-    LONDON_LOOP,
-    Fix,
-    Route,
-    SimulatedGps,
-    bearing_deg,
-    displacement_m,
-    distance_m,
-    initial_noise,
-    noise_step,
-    offset,
-    position_at,
-)
+from edge_agent.drivers.gps import LONDON_LOOP, Fix, Route, SimulatedGps, initial_noise, noise_step, position_at
 from edge_agent.drivers.panic import SimulatedPanicButton
+from edge_agent.wire.geo import bearing_deg, displacement_m, distance_m, offset
 from edge_agent.wire.model import validate_body
 
 

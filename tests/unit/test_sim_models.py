@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent.drivers import Driver, Reading
-from edge_agent.drivers.gps import Fix, LatLon, Route, displacement_m, distance_m, offset
+from edge_agent.drivers.gps import Fix, Route
 from edge_agent.drivers.nmea import FixAssembler, NmeaGps
+from edge_agent.wire.geo import LatLon, displacement_m, distance_m, offset
 from edge_agent.wire.model import validate_body
 from firmware_sim.city import City
 from firmware_sim.models import (
