@@ -10,18 +10,21 @@ processes, each owning the senders `route` gives it, so each sender's replay win
 clock-skew estimate live in exactly one place while signature checks use the other
 cores; `verify_workers = 0` verifies on a thread of this process instead.
 
-Flow control (nothing is dropped silently): the inbox is bounded (`queue_bound`). When
-it is nearly full the gateway stops reading the MQTT socket, so TCP flow control pushes
-back on the broker, which keeps the messages in this persistent session's queue (up to
-its `max_queued_messages`); reading resumes when the inbox is half empty. (The broker's
-own in-flight limit cannot be relied on for this: Mosquitto 2.0.11 honours MQTT 5
-Receive Maximum and `max_inflight_messages` only until the first PUBACK, then sends its
-whole queue, see mosquitto#2301; measured here.) Messages are acknowledged only after
-the batch that holds them is committed (paho's manual acks), so a gateway that stops or
-dies loses nothing the broker gave it: unacknowledged messages are redelivered and the
-store's unique key turns them into `replayed`. Should a message still not fit the inbox
-it is dropped by aiomqtt, counted as `overflow` and logged, and for QoS 1 the gateway
-reconnects so that the broker redelivers it.
+Flow control (nothing is dropped): the inbox is bounded (`queue_bound`). The socket
+is read one MQTT packet at a time through `_ReaderGate`, which looks at the inbox before
+each packet and stops reading when it is full, so TCP flow control pushes back on the
+broker, which keeps the messages in this persistent session's queue (up to its
+`max_queued_messages`); reading resumes when the inbox is half empty. Receiving starts
+before the subscription is confirmed, because a persistent session's queued messages
+arrive ahead of the SUBACK. (The broker's own in-flight limit cannot be relied on for
+this: Mosquitto 2.0.11 honours MQTT 5 Receive Maximum and `max_inflight_messages` only
+until the first PUBACK, then sends its whole queue, see mosquitto#2301; measured here.)
+Messages are acknowledged only after the batch that holds them is committed (paho's
+manual acks), so a gateway that stops or dies loses nothing the broker gave it:
+unacknowledged messages are redelivered and the store's unique key turns them into
+`replayed`. Should a message still not fit the inbox (it cannot, by construction) it
+is counted as `overflow` and logged, and for QoS 1 the gateway reconnects so that the
+broker redelivers it.
 
 MQTT version: "3.1.1" by default. paho-mqtt 2.2 parses the MQTT 5 properties of every
 incoming PUBLISH in pure Python (~85 us a message measured here, 4-5x the whole v3.1.1
@@ -76,13 +79,10 @@ RECONNECT_MAX_S = 30.0
 SEQ_BLOCK = 1000
 #: Batches between two stages; a full stage pauses the one before it (back-pressure).
 STAGE_DEPTH = 2
-#: Reading the MQTT socket pauses this close to `queue_bound` (one TLS record holds up
-#: to ~70 small messages, all read at once) and resumes at half of it.
-READ_MARGIN = 256
 #: After reading the socket, wait this long before reading again (see _ReaderGate).
 READ_NAP_S = 0.004
-#: Socket reads per wake-up at most (each brings one TLS record, one or more messages).
-READ_ROUNDS = 256
+#: MQTT packets read per wake-up at most (then the reader naps or yields to the loop).
+READ_PACKETS = 1024
 #: How often owed receipts are looked at (besides right after each commit).
 RECEIPT_TICK_S = 0.05
 #: Rejections logged one by one per reason per report interval; the rest are counted.
@@ -143,20 +143,31 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
 
 class _ReaderGate:
     """Stands in for the event loop inside one aiomqtt client, to control reading its
-    socket: aiomqtt registers its socket reader through here. While `is_full()` the reader
-    is unregistered instead of run (back-pressure) until `resume()`. After each read the
-    reader naps for `nap_s`, so one wake-up reads many messages instead of one (each
-    message is its own TLS record, and waking per message costs more than reading it).
-    Everything else goes to the loop."""
+    socket. aiomqtt registers its socket reader through here; the gate registers its own
+    instead, which reads one MQTT packet at a time and looks at the inbox before each,
+    so the inbox can never overflow: when it is full the gate stops reading (TCP flow
+    control then pushes back on the broker) until `resume()`. aiomqtt's reader would
+    read everything the socket holds in one go (paho's `loop_read` reads as many packets
+    as there are messages in flight, thousands in a burst), which is what once
+    overflowed the inbox. After each wake-up the gate naps for `nap_s`, so one wake-up
+    reads many messages instead of one (each message is its own TLS record, and waking
+    per message costs more than reading it). Everything else goes to the loop."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, is_full: Callable[[], bool], progress: Callable[[], int], nap_s: float
+        self,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        read_packet: Callable[[], bool],
+        buffered: Callable[[], bool],
+        is_full: Callable[[], bool],
+        nap_s: float,
     ) -> None:
         self._loop = loop
+        self._read_packet = read_packet
+        self._buffered = buffered
         self._is_full = is_full
-        self._progress = progress
         self._nap_s = nap_s
-        self._reader: tuple[int, Callable[[], object]] | None = None
+        self._fd: int | None = None
         self._nap: asyncio.TimerHandle | None = None
         self.paused = False
         self.pauses = 0
@@ -165,12 +176,12 @@ class _ReaderGate:
         return getattr(self._loop, name)
 
     def add_reader(self, fd: int, callback: Callable[..., object], *args: Any) -> None:
-        self._reader = (fd, functools.partial(callback, *args))
+        self._fd = fd
         self.paused = False
         self._loop.add_reader(fd, self._readable)
 
     def remove_reader(self, fd: int) -> bool:
-        self._reader = None
+        self._fd = None
         self.paused = False
         if self._nap is not None:
             self._nap.cancel()
@@ -178,49 +189,49 @@ class _ReaderGate:
         return self._loop.remove_reader(fd)
 
     def _readable(self) -> None:
-        if self._reader is None:
+        fd = self._fd
+        if fd is None:
             return
-        fd, read = self._reader
-        if self._is_full():
-            self._loop.remove_reader(fd)
-            self.paused = True
-            self.pauses += 1
-            return
-        # aiomqtt's reader stops after one TLS record; read on while that brings messages.
-        for _ in range(READ_ROUNDS):
-            before = self._progress()
-            read()
-            if self._reader is None or self._progress() == before or self._is_full():
+        self._loop.remove_reader(fd)
+        for _ in range(READ_PACKETS):
+            if self._is_full():
+                self.paused = True
+                self.pauses += 1
+                return
+            if not self._read_packet() or self._fd is None:
                 break
-        if self._nap_s > 0 and self._reader is not None:
-            self._loop.remove_reader(fd)
-            self._nap = self._loop.call_later(self._nap_s, self._wake)
+        if self._fd is None:
+            return
+        if self._nap_s > 0:
+            self._nap = self._loop.call_later(self._nap_s, self._arm)
+        else:
+            self._arm()
 
-    def _wake(self) -> None:
+    def _arm(self) -> None:
+        """Wait for the socket again; read at once what TLS has already decrypted (the
+        socket does not show that as readable)."""
         self._nap = None
-        if self._reader is None or self.paused:
+        if self._fd is None or self.paused:
             return
-        if self._is_full():
-            self.paused = True
-            self.pauses += 1
-            return
-        self._loop.add_reader(self._reader[0], self._readable)
+        if self._buffered():
+            self._loop.call_soon(self._readable)
+        else:
+            self._loop.add_reader(self._fd, self._readable)
 
     def resume(self) -> None:
-        if self.paused and self._reader is not None:
+        if self.paused and self._fd is not None:
             self.paused = False
             if self._nap is None:
-                self._loop.add_reader(self._reader[0], self._readable)
+                self._arm()
 
 
 class _IngestClient(aiomqtt.Client):
     """aiomqtt's client plus what aiomqtt 2.x lacks for an ingest: manual acknowledgements
-    (paho's public API; aiomqtt#345) and pausing the socket reader for back-pressure.
-    Both reach into aiomqtt's paho client and loop reference; aiomqtt is pinned < 3."""
+    (paho's public API; aiomqtt#345) and reading the socket packet by packet under a gate
+    for back-pressure (paho's per-packet reader). Both reach into aiomqtt's paho client
+    and loop reference; aiomqtt and paho-mqtt are pinned below their next major versions."""
 
-    def __init__(
-        self, hostname: str, port: int, *, inbox: _Inbox, high_water: int, read_nap_s: float, **kwargs: Any
-    ) -> None:
+    def __init__(self, hostname: str, port: int, *, inbox: _Inbox, read_nap_s: float, **kwargs: Any) -> None:
         super().__init__(
             hostname,
             port,
@@ -229,10 +240,33 @@ class _IngestClient(aiomqtt.Client):
             **kwargs,
         )
         self.inbox = inbox
-        self.gate = _ReaderGate(self._loop, lambda: inbox.qsize() >= high_water, lambda: inbox.received, read_nap_s)
+        self.gate = _ReaderGate(
+            self._loop, read_packet=self._read_packet, buffered=self._buffered, is_full=inbox.full, nap_s=read_nap_s
+        )
         self._loop = cast("asyncio.AbstractEventLoop", self.gate)
         self._client.manual_ack_set(True)
         self.pending_calls_threshold = 10_000  # receipts are published in bursts on purpose
+
+    def _read_packet(self) -> bool:
+        """Read at most one MQTT packet; False when the socket has no more for now or the
+        connection broke (then, as aiomqtt's own reader does, the client disconnects)."""
+        paho = self._client
+        try:
+            rc = paho._packet_read()
+            if rc == mqtt.MQTT_ERR_AGAIN:
+                return False
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                paho._loop_rc_handle(rc)
+                return False
+        except OSError as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+            return False
+        return True
+
+    def _buffered(self) -> bool:
+        sock = self._client.socket()
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
     def ack(self, mid: int, qos: int) -> None:
         """Send the PUBACK for a message received at QoS 1 (no-op for QoS 0)."""
@@ -574,7 +608,6 @@ class Ingest:
             s.broker_host,
             s.broker_port,
             inbox=_Inbox(s.queue_bound, s.batch_size, self._clock_ms, self._overflowed),
-            high_water=s.queue_bound - READ_MARGIN,
             read_nap_s=READ_NAP_S,
             identifier=f"{s.gateway_id}-ingest",
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
@@ -599,18 +632,20 @@ class Ingest:
             client = self._new_client()
             self._lost_qos1 = False
             try:
-                async with client:
+                async with client, asyncio.TaskGroup() as tg:
+                    # Receive before the SUBACK: a persistent session's queued messages
+                    # arrive ahead of it, and must be drained for the SUBACK to be read.
+                    self._client, self._inbox = client, client.inbox
+                    tg.create_task(self._receive(client), name="ingest-receive")
                     granted = await client.subscribe(topic, qos=1)
                     if any(getattr(code, "value", code) >= 0x80 for code in granted):
                         raise IngestError(f"the broker refused the subscription to {topic}: {granted}")
-                    self._client, self._inbox = client, client.inbox
                     self.connected.set()
                     attempt = 0
                     log.info("ingest connected to %s as %s-ingest (MQTT %s), subscribed to %s",
                              s.broker, s.gateway_id, s.mqtt_protocol, topic)
-                    await self._receive(client)
-            except (aiomqtt.MqttError, IngestError) as exc:
-                log.warning("ingest connection to %s: %s", s.broker, exc)
+            except* (aiomqtt.MqttError, IngestError) as group:
+                log.warning("ingest connection to %s: %s", s.broker, "; ".join(map(str, group.exceptions)))
             finally:
                 if self._client is client:
                     self._client = None

@@ -109,6 +109,7 @@ async def device(pki: Pki, ident: Identity, broker: MosquittoProcess) -> AsyncIt
         protocol=aiomqtt.ProtocolVersion.V5,
         tls_context=client_context(pki, ident),
     ) as client:
+        client.pending_calls_threshold = 10_000  # some tests publish bursts on purpose
         await client.subscribe(down_filter(ident.id), qos=1)
         dev = Device(pki, ident, client)
         reader = asyncio.create_task(dev.read_receipts())
@@ -276,6 +277,38 @@ async def test_messages_queued_while_the_gateway_is_down_are_stored_once(
     assert [r["seq"] for r in rows] == list(range(1, 202))
     assert dev.receipts[-1].seq > first_receipt_seq
     assert read(settings.db_path, Store.stats)["rejected"]["replayed"] >= 1
+
+
+async def test_a_burst_larger_than_the_inbox_is_stored_without_loss(
+    pki: Pki, broker: MosquittoProcess, tmp_path: Path, issue: Callable[[Role, str], Identity]
+) -> None:
+    """Thousands of messages queued for the gateway's session arrive in one burst on
+    reconnect (before the SUBACK) and again while it runs: reading pauses at the inbox
+    bound instead of dropping, and the gateway keeps ingesting (it once wedged here)."""
+    settings = settings_for(pki, broker, tmp_path / "gw.db", queue_bound=1024)
+    per_device, n_devices = 1500, 3
+    async with contextlib.AsyncExitStack() as stack:
+        devs = [await stack.enter_async_context(device(pki, fresh(issue, "burst"), broker)) for _ in range(n_devices)]
+
+        async def burst(first: int) -> None:
+            sealed = [(dev, dev.seal(seq)) for seq in range(first, first + per_device) for dev in devs]
+            await asyncio.gather(*(dev.send_raw(data) for dev, data in sealed))
+
+        async with running(settings):
+            pass  # makes the persistent session
+        await burst(1)  # queued by the broker while the gateway is stopped
+        async with running(settings) as gw:
+            assert gw.ingest is not None
+            await burst(per_device + 1)  # and a second burst while it is busy with the first
+            want = set(range(1, 2 * per_device + 1))
+            await eventually(lambda: all(want <= dev.receipted for dev in devs), within=60, what="every receipt")
+            live = gw.ingest.live()
+            assert live["overflow"] == 0
+            assert live["read_pauses"] > 0  # back-pressure did its work
+            assert live["connected"] is True
+    for dev in devs:
+        stored = read(settings.db_path, lambda s, d=dev: s.messages(d.id, limit=len(want) + 1))
+        assert [r["seq"] for r in stored] == sorted(want)
 
 
 async def test_cli_run_and_tail(
