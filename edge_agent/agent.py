@@ -13,9 +13,10 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from certs.pki import Pki
 from certs.registry import KeyRegistry
@@ -27,10 +28,14 @@ from edge_agent.drivers.panic import SimulatedPanicButton
 from edge_agent.link import Link
 from edge_agent.outbox import Outbox
 from edge_agent.settings import AgentSettings
-from edge_agent.wire.envelope import Signer
+from edge_agent.wire.envelope import Message, Signer
 from edge_agent.wire.errors import Rejected
 
 log = logging.getLogger(__name__)
+
+
+#: Alerts an agent remembers (to answer, and to spot redeliveries).
+MAX_ALERTS = 64
 
 
 class Agent:
@@ -79,6 +84,12 @@ class Agent:
             keys,
             clock=self.clock,
         )
+        #: Alerts received, by alert_id (the latest MAX_ALERTS), for the app or a
+        #: simulated officer to answer with `answer()`.
+        self.alerts: OrderedDict[str, Message] = OrderedDict()
+        #: Called once per new alert, after the delivery receipt (`received`) is queued.
+        self.on_alert: Callable[[Message], None] | None = None
+        self.link.on_alert = self._alert_arrived
         self._stop = asyncio.Event()
 
     def close(self) -> None:
@@ -104,6 +115,27 @@ class Agent:
             self.rejected_readings += 1
             log.warning("%s: dropped an invalid %s reading: %s", self.id, reading.kind, exc)
             return None
+
+    def answer(self, alert_id: str, answer: str, reason: str | None = None) -> int | None:
+        """Queue the officer's answer to an alert (`received`, `accepted`, `declined`,
+        `arrived`) as a signed `ack`; return its seq."""
+        body: dict[str, Any] = {"alert_id": alert_id, "answer": answer}
+        if reason:
+            body["reason"] = reason
+        return self.emit(Reading("ack", body))
+
+    def _alert_arrived(self, message: Message) -> None:
+        alert_id = str(message.body["alert_id"])
+        if alert_id in self.alerts:  # a redelivery: answered already
+            self.alerts[alert_id] = message
+            return
+        self.alerts[alert_id] = message
+        while len(self.alerts) > MAX_ALERTS:
+            self.alerts.popitem(last=False)
+        log.info("%s: alert %s: %s", self.id, alert_id, message.body.get("action"))
+        self.answer(alert_id, "received")
+        if self.on_alert is not None:
+            self.on_alert(message)
 
     async def run(self, *, install_signals: bool = False) -> None:
         """Run until `stop()` (or SIGINT/SIGTERM with `install_signals`; SIGUSR1 presses panic)."""

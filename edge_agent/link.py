@@ -33,6 +33,7 @@ import socket
 import ssl
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,8 @@ class LinkStats:
     #: Downlinks that failed verification, by `Rejected.reason`.
     downlink_rejected: Counter[str] = field(default_factory=Counter)
     downlink_ignored: int = 0
+    #: Verified alerts handed to `on_alert` (redeliveries included).
+    alerts: int = 0
 
 
 class _Client(aiomqtt.Client):
@@ -161,6 +164,8 @@ class Link:
         self._client: _Client | None = None
         self._inflight = 0
         self._publishing: set[asyncio.Task[None]] = set()
+        #: Called with each verified alert (the agent answers it).
+        self.on_alert: Callable[[Message], None] | None = None
         outbox.on_append = self._wake.set
 
     # -- control ----------------------------------------------------------------
@@ -351,6 +356,10 @@ class Link:
             self.stats.receipts += 1
             self.stats.confirmed += confirmed
             log.debug("%s receipt from %s: %s confirmed %d", self.id, message.sender, ranges, confirmed)
+            return
+        if message.kind == "alert" and self.on_alert is not None:
+            self.stats.alerts += 1
+            self.on_alert(message)
             return
         self.stats.downlink_ignored += 1
         log.info(

@@ -532,7 +532,10 @@ class Ingest:
         tls_context: ssl.SSLContext,
         signer: Signer,
         clock_ms: Callable[[], int] = wall_ms,
+        on_stored: Callable[[Sequence[Accepted]], None] | None = None,
     ) -> None:
+        """`on_stored` is called on the event loop with each batch's accepted records
+        once they are committed (the situational picture's feed)."""
         if signer.kid != settings.gateway_id:
             raise IngestError(f"receipts must be signed by {settings.gateway_id!r}, not {signer.kid!r}")
         self.settings = settings
@@ -543,6 +546,7 @@ class Ingest:
         self._tls = tls_context
         self._signer = signer
         self._clock_ms = clock_ms
+        self._on_stored = on_stored
         self._client: _IngestClient | None = None
         self._inbox: _Inbox | None = None
         self._lost_qos1 = False
@@ -731,6 +735,8 @@ class Ingest:
             result = await self._commit(batch)
             self.committed += result.inserted
             self._ack(batch)
+            if self._on_stored is not None and batch.decided.records:
+                self._on_stored(batch.decided.records)
             for device, seqs in result.receipts.items():
                 self.receipts.add(device, seqs)
             if result.receipts:
@@ -788,14 +794,35 @@ class Ingest:
         self._seq_next += n
         return first
 
-    async def _send_receipts(self, client: aiomqtt.Client, due: list[tuple[str, list[int]]]) -> None:
-        seq = await self._take_seqs(len(due))
+    async def _seal_down(self, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[str, bytes]]:
+        """Sign `(device, kind, body)` downlinks with the gateway's next sequence numbers;
+        returns `(topic, envelope)` pairs."""
+        seq = await self._take_seqs(len(items))
         now = self._clock_ms()
         gateway_id = self.settings.gateway_id
-        sends = []
-        for i, (device, seqs) in enumerate(due):
-            data = seal(Message(gateway_id, seq + i, now, "cmd", receipt_body(seqs)), self._signer)
-            sends.append(client.publish(str(Topic.down(device, "cmd")), data, qos=1))
+        return [
+            (str(Topic.down(device, kind)), seal(Message(gateway_id, seq + i, now, kind, body), self._signer))
+            for i, (device, kind, body) in enumerate(items)
+        ]
+
+    async def publish_down(self, device: str, kind: str, body: Mapping[str, Any]) -> bool:
+        """Sign one downlink (e.g. an alert) and publish it at QoS 1 on the device's
+        `down/<kind>`; True once the broker has it. False when the ingest has no broker
+        connection or the publish failed: the caller keeps it and tries again."""
+        client = self._client
+        if client is None:
+            return False
+        [(topic, data)] = await self._seal_down([(device, kind, body)])
+        try:
+            await client.publish(topic, data, qos=1)
+        except aiomqtt.MqttError as exc:
+            log.warning("%s to %s not sent: %s", kind, device, exc)
+            return False
+        return True
+
+    async def _send_receipts(self, client: aiomqtt.Client, due: list[tuple[str, list[int]]]) -> None:
+        sealed = await self._seal_down([(device, "cmd", receipt_body(seqs)) for device, seqs in due])
+        sends = [client.publish(topic, data, qos=1) for topic, data in sealed]
         for outcome in await asyncio.gather(*sends, return_exceptions=True):
             if isinstance(outcome, aiomqtt.MqttError):
                 self.receipts_failed += 1
