@@ -331,6 +331,8 @@ def _rule(name: str, data: Any, source: str, line: int | None) -> Rule:
         raise r.error("count", f"must be an integer in [1, 20], got {rule.count}")
     if rule.prefer_bonus_s and rule.prefer_kind is None:
         raise r.error("prefer_bonus_s", "needs 'prefer_kind' (which kind gets the bonus)")
+    if rule.prefer_bonus_s and rule.rank != "eta":
+        raise r.error("prefer_bonus_s", "is seconds of ETA: it needs 'rank: eta'")
     return rule
 
 

@@ -220,7 +220,9 @@ class StreetGraph:
         e = int(np.argmin(d2))
         return Snap(e, float(t[e]), math.sqrt(float(d2[e])))
 
-    def dijkstra(self, sources: Iterable[tuple[int, float, float]], edge_s: FloatArray) -> tuple[FloatArray, FloatArray]:
+    def dijkstra(
+        self, sources: Iterable[tuple[int, float, float]], edge_s: FloatArray
+    ) -> tuple[FloatArray, FloatArray]:
         """Shortest times from `sources` ((node, seconds, metres) already spent) to every
         node, with `edge_s` seconds per edge. Returns (seconds, metres along that route);
         unreachable nodes are `inf`."""
