@@ -380,8 +380,10 @@ class AlertBook:
                 inc.slots[alert.slot].pending = True
         for incident_id in sorted(self._incidents):
             inc = self._incidents[incident_id]
-            for n, slot in enumerate(inc.slots):
-                if slot.pending:
+            # supervisors first, so a supervisor is not used up as a mere responder
+            order = sorted(range(len(inc.slots)), key=lambda n: (inc.slots[n].role != "supervisor", n))
+            for n in order:
+                if inc.slots[n].pending:
                     changes += self._escalate(inc, n, now_ms, recommend_again)
         self._audit.extend(changes)
         return changes

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonschema import Draft202012Validator
 
 from gateway.core.policy import PolicyError, Rule, default_policy, load_policy, parse_policy
@@ -65,7 +66,8 @@ def test_the_error_names_file_line_rule_and_field() -> None:
         (("kind: vehicle", "kind: horse"), "incident 'gunshot': 'kind' must be one of any, officer, vehicle"),
         (("capabilities: [armed]", "capabilities: [Armed!]"), "'capabilities' must be a list of names"),
         (("supervisor: true", "supervisor: yes"), "incident 'panic': 'supervisor' must be true or false, got 'yes'"),
-        (("count: 2\n    supervisor", "cuont: 2\n    supervisor"), "'cuont' is not a known field (did you mean 'count'?)"),
+        (("count: 2\n    supervisor", "cuont: 2\n    supervisor"),
+         "'cuont' is not a known field (did you mean 'count'?)"),
         (("target: predicted", "target: somewhere"), "'target' must be one of incident, predicted"),
         (("max_escalations: 3", "max_escalations: 99"), "'max_escalations' must be an integer in [0, 20]"),
         (("{approach_from}", "{aproach_from}"), "'approach' uses unknown placeholder {aproach_from}"),
@@ -113,8 +115,6 @@ def test_rules_made_in_code_are_checked_too() -> None:
 
 
 def test_json_schema_accepts_the_default_and_is_valid() -> None:
-    import yaml
-
     schema = json.loads((ROOT / "docs" / "schemas" / "policy.json").read_text())
     Draft202012Validator.check_schema(schema)
     validator = Draft202012Validator(schema)

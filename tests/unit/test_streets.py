@@ -16,7 +16,7 @@ from edge_agent.wire.geo import distance_m, offset
 from firmware_sim.city import City
 from gateway.core.streets import KindSpeed, StraightLineEta, StreetEta, StreetGraph, StreetsError
 
-O = (51.5, -0.12)
+ORIGIN = (51.5, -0.12)
 SPEEDS = {"officer": KindSpeed(2.0, 1.0), "vehicle": KindSpeed(10.0, 5.0, {"primary": 20.0})}
 
 
@@ -29,7 +29,7 @@ class U:
 
 
 def at(north: float, east: float) -> tuple[float, float]:
-    lat, lon = offset(O, north, east)
+    lat, lon = offset(ORIGIN, north, east)
     return round(lat, 7), round(lon, 7)
 
 
