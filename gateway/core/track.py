@@ -37,10 +37,11 @@ is not used (a multipath jump of 15-60 m does not drag the track); its velocity 
 is. A jump moves the fixes sideways but they go on moving with the unit; a turn the
 filter missed (no reported velocity) makes them move differently: when two or more
 consecutive gated fixes move, between them, at a velocity that differs from the track's
-by more than `MANOEUVRE_MPS` (and 3 sigma), the track restarts from them. After `REINIT_AFTER_GATED` consecutive gated fixes spanning at least
-`REINIT_AFTER_MS`, the track re-initialises at the latest fix, so it is never stuck on a
-wrong position (a multipath reflection lasts seconds, not tens of seconds). A fix older
-than (or as old as) the last one used is ignored and counted in `late`.
+by more than `MANOEUVRE_MPS` (and 3 sigma), the track restarts from them. After
+`REINIT_AFTER_GATED` consecutive gated fixes spanning at least `REINIT_AFTER_MS`, the
+track re-initialises at the latest fix, so it is never stuck on a wrong position (a
+multipath reflection lasts seconds, not tens of seconds). A fix older than (or as old
+as) the last one used is ignored and counted in `late`.
 
 `StreetMap` snaps an estimate onto the street network (map matching by projection onto
 the nearest street segment that agrees with the heading): for vehicles on the road
@@ -50,6 +51,7 @@ centre lines.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -184,7 +186,7 @@ class _Axis:
         self.pbb -= kb * hb
 
 
-def _check(unit_id: str, lat: float, lon: float, acc_m: float | None, speed: float | None,
+def _check(unit_id: str, lat: float, lon: float, *, acc_m: float | None, speed: float | None,
            heading: float | None) -> None:
     if not (-90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
         raise BadFix(unit_id, f"({lat}, {lon}) is not a WGS84 lat/lon")
@@ -239,19 +241,20 @@ class Track:
         lat: float,
         lon: float,
         t_ms: int,
+        *,
         acc_m: float | None = None,
         speed: float | None = None,
         heading: float | None = None,
     ) -> bool:
         """Use one fix. Returns True if its position was accepted, False if it was gated
         or late (older than the last fix used). Raises `BadFix` on impossible values."""
-        _check(self.unit_id, lat, lon, acc_m, speed, heading)
+        _check(self.unit_id, lat, lon, acc_m=acc_m, speed=speed, heading=heading)
         sigma = max(MIN_ACC_M, DEFAULT_ACC_M if acc_m is None else acc_m) / R68_PER_SIGMA
         var_b = sigma * sigma
         var_w = (WHITE_FRACTION * sigma) ** 2
         velocity = _velocity(speed, heading)
         if self._origin is None or self._x is None or self._y is None:
-            self._start(lat, lon, t_ms, var_b, var_w, velocity)
+            self._start(lat, lon, t_ms, var_b=var_b, var_w=var_w, velocity=velocity)
             return True
         if t_ms <= self._last_ms:
             self.late += 1
@@ -283,7 +286,7 @@ class Track:
                     velocity, restart = manoeuvre, True
             if restart:
                 self.reinitialised += 1
-                self._start(lat, lon, t_ms, var_b, var_w, velocity)
+                self._start(lat, lon, t_ms, var_b=var_b, var_w=var_w, velocity=velocity)
                 return True
             return False
         x.update_position(ix, sx)
@@ -310,7 +313,7 @@ class Track:
             return (ve, vn), var_c
         return None
 
-    def _start(self, lat: float, lon: float, t_ms: int, var_b: float, var_w: float,
+    def _start(self, lat: float, lon: float, t_ms: int, *, var_b: float, var_w: float,
                velocity: tuple[tuple[float, float], float] | None) -> None:
         self._origin = (lat, lon)
         if velocity is None:
@@ -389,7 +392,7 @@ class StreetMap:
         self._cells: dict[tuple[int, int], list[int]] = {}
         for line in lines:
             local = [self._local(p) for p in line]
-            for (e0, n0), (e1, n1) in zip(local, local[1:], strict=False):
+            for (e0, n0), (e1, n1) in itertools.pairwise(local):
                 if (e0, n0) == (e1, n1):
                     continue
                 index = len(self._segments)
