@@ -81,6 +81,9 @@ GATE_CHI2 = 13.82
 #: Consecutive gated fixes whose own motion differs from the track's velocity by more
 #: than this (and by 3 sigma) are a manoeuvre the track missed: it restarts from them.
 MANOEUVRE_MPS = 2.0
+#: The gated run must span this long, and move no faster than `MAX_SPEED_MPS`.
+MIN_MANOEUVRE_SPAN_MS = 1_000
+MAX_SPEED_MPS = 70.0
 #: Re-initialise after this many consecutive gated fixes ...
 REINIT_AFTER_GATED = 5
 #: ... that span at least this long (multipath reflections last seconds).
@@ -300,10 +303,12 @@ class Track:
         """The velocity of the gated run (first to this fix), if it is not the track's."""
         assert self._x is not None
         assert self._y is not None
-        span = (t_ms - self._gated_since) / 1000.0
-        if span <= 0.0:
+        if t_ms - self._gated_since < MIN_MANOEUVRE_SPAN_MS:
             return None
+        span = (t_ms - self._gated_since) / 1000.0
         ve, vn = (east - self._gated_first[0]) / span, (north - self._gated_first[1]) / span
+        if math.hypot(ve, vn) > MAX_SPEED_MPS:
+            return None
         # the correlated error mostly cancels in a difference over a short span
         a = math.exp(-span / GNSS_ERROR_CORRELATION_S)
         var_c = 2.0 * var_b * (1.0 - a) / (span * span) + 2.0 * (WHITE_FRACTION**2) * var_b / (span * span)
