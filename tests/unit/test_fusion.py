@@ -330,7 +330,8 @@ def test_polygon_contains_and_validation() -> None:
     assert SQUARE.contains(offset(HOME, 100, 100))
     assert not SQUARE.contains(offset(HOME, 100, 210))
     assert not SQUARE.contains(offset(HOME, -5, 100))
-    l_shape = Polygon(tuple(offset(HOME, n, e) for n, e in ((0, 0), (0, 200), (100, 200), (100, 100), (200, 100), (200, 0))))
+    corners = ((0, 0), (0, 200), (100, 200), (100, 100), (200, 100), (200, 0))
+    l_shape = Polygon(tuple(offset(HOME, n, e) for n, e in corners))
     assert not l_shape.contains(offset(HOME, 150, 150))
     assert l_shape.contains(offset(HOME, 150, 50))
     with pytest.raises(GeofenceError):
