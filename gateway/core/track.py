@@ -92,7 +92,7 @@ REINIT_AFTER_MS = 20_000
 STALE_AFTER_MS = 30_000
 #: An estimate is dead-reckoned at most this far past the last fix; then it holds still
 #: (its uncertainty keeps growing).
-MAX_EXTRAPOLATE_MS = 10_000
+MAX_EXTRAPOLATE_MS = STALE_AFTER_MS
 
 
 class FusionError(ValueError):
