@@ -301,7 +301,9 @@ def verify_db(path: Path, keys: KeyLookup | None) -> ChainReport:
     and head only, no signatures)."""
     conn = open_for_reading(path)
     try:
-        return verify_chain(read_entries(conn), keys, head=recorded_head(conn))
+        # No head record means nothing was ever appended: entries without one were not
+        # written by `AuditLog`, or their head was deleted.
+        return verify_chain(read_entries(conn), keys, head=recorded_head(conn) or GENESIS_HEAD)
     except sqlite3.Error as exc:
         raise AuditError(f"cannot read the audit log in {path}: {exc}") from None
     finally:

@@ -11,8 +11,8 @@ Tables::
     meta      key -> value: the gateway's own message sequence numbers (receipts)
     audit, audit_head   the tamper-evident audit log (see gateway.audit); never pruned
 
-Retention: `prune` deletes messages past their kind's retention (`Retention`), a chunk
-of rows per transaction; `devices.pruned_upto` remembers the highest pruned sequence
+Retention: `prune` deletes messages past their kind's retention (`Retention`, by
+`recv_ts`, indexed), a chunk of rows per transaction; `devices.pruned_upto` remembers the highest pruned sequence
 number of each device, and `missing` only counts above it (below it, a gap can no
 longer be told from a pruned row).
 
@@ -75,7 +75,11 @@ SELECT prev + 1 AS lo, seq - 1 AS hi FROM (
 #: Rows `prune` looks at per transaction, so it never holds the write lock for long.
 PRUNE_CHUNK = 2000
 DAY_MS = 86_400_000
-_PRUNE_SCAN = "SELECT rowid, device_id, seq, kind, recv_ts FROM messages WHERE rowid > ? ORDER BY rowid LIMIT ?"
+# Keyset pagination over the recv_ts index: rows received before the horizon, oldest first.
+_PRUNE_SCAN = """
+SELECT rowid, device_id, seq, kind, recv_ts FROM messages
+WHERE recv_ts < :horizon AND (recv_ts, rowid) > (:ts, :rowid) ORDER BY recv_ts, rowid LIMIT :n
+"""
 _PRUNED_UPTO = "UPDATE devices SET pruned_upto = max(coalesce(pruned_upto, 0), ?) WHERE id = ?"
 
 
@@ -192,6 +196,8 @@ class Store:
             devices.add_column("pruned_upto", int, not_null_default=0)
         db.create_table("counters", {"name": str, "count": int}, pk="name", not_null=["count"], if_not_exists=True)
         db.create_table("meta", {"key": str, "value": int}, pk="key", not_null=["value"], if_not_exists=True)
+        # For `prune` (recv_ts rises with arrival, so the index grows at its right edge).
+        db.execute("CREATE INDEX IF NOT EXISTS messages_recv_ts ON messages (recv_ts)")
         create_tables(db.conn)
 
     # -- writing (one writer) -------------------------------------------------
@@ -299,9 +305,9 @@ class Store:
     ) -> int:
         """Delete messages past `retention` at `now_ms` (UTC ms); returns how many.
 
-        Rows are visited oldest first (rowid order, which is arrival order) `chunk` at a
-        time, one short transaction each, so ingest waits at most one chunk; the scan
-        stops at the first chunk ending past the retention horizon. Each device's
+        Rows received before the retention horizon are visited oldest first (the
+        `recv_ts` index), `chunk` at a time, one short transaction each, so ingest waits
+        at most one chunk; rows of kinds kept longer are stepped over. Each device's
         `pruned_upto` moves up in the same transaction. With `audit`, the run is then
         recorded as one `retention.pruned` entry (also when nothing was due). Call it
         from the writer thread (or its own connection: it only needs the busy timeout)."""
@@ -310,11 +316,12 @@ class Store:
         conn = self.db.conn
         deleted: dict[str, int] = {}
         horizon = retention.horizon(now_ms)
-        after = 0
+        after = (-(2**63), 0)  # (recv_ts, rowid) of the last row looked at
         while True:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                rows = conn.execute(_PRUNE_SCAN, (after, chunk)).fetchall()
+                params = {"horizon": horizon, "ts": after[0], "rowid": after[1], "n": chunk}
+                rows = conn.execute(_PRUNE_SCAN, params).fetchall()
                 doomed = [row for row in rows if retention.expired(row[3], row[4], now_ms)]
                 conn.executemany("DELETE FROM messages WHERE rowid = ?", [(row[0],) for row in doomed])
                 upto: dict[str, int] = {}
@@ -327,9 +334,9 @@ class Store:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-            if len(rows) < chunk or rows[-1][4] >= horizon:
+            if len(rows) < chunk:
                 break
-            after = rows[-1][0]
+            after = (rows[-1][4], rows[-1][0])
         total = sum(deleted.values())
         if audit is not None:
             audit.append(

@@ -356,7 +356,7 @@ def verify_chain(
                 return broken(expected, "gap", _gap(expected, entry.seq))
             return broken(entry.seq, "unreadable", entry.reason)
         if entry.seq < expected:
-            return broken(entry.seq, "reordered", f"seq {entry.seq} follows {done.head.seq}", entry)
+            return broken(expected, "reordered", f"found seq {entry.seq} after {done.head.seq}")
         if entry.seq > expected:
             return broken(expected, "gap", _gap(expected, entry.seq))
         digest = chain_hash(done.head.hash, entry.canonical())
