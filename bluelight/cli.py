@@ -18,7 +18,7 @@ from certs.cli import pki
 from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
 from firmware_sim.cli import sim
-from gateway.cli import gateway, tail
+from gateway.cli import audit, gateway, tail
 
 
 class OneLineUsageError(click.ClickException):
@@ -75,7 +75,7 @@ def demo(**options: Any) -> None:
     click.echo("demo: stopped", err=True)
 
 
-for _command in (pki, broker, agent, gateway, tail, sim):
+for _command in (pki, broker, agent, gateway, audit, tail, sim):
     cli.add_command(_command)
 
 

@@ -1,5 +1,5 @@
-"""`bluelight gateway run` and `bluelight tail`: argument parsing only; the library does
-the work and its errors become one-line messages."""
+"""`bluelight gateway run`, `bluelight tail` and `bluelight audit`: argument parsing
+only; the library does the work and its errors become one-line messages."""
 
 from __future__ import annotations
 
@@ -80,3 +80,58 @@ def tail(pki_dir: Path, broker: str, identity: str) -> None:
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(run_tail(Pki(pki_dir), broker, identity, out=out))
+
+
+#: `bluelight audit verify` exit status when the log itself is broken (1 is bad input).
+EXIT_BROKEN = 3
+
+
+class AuditBroken(click.ClickException):
+    """The audit log failed verification: printed as one line, exit status 3."""
+
+    exit_code = EXIT_BROKEN
+
+
+@click.group()
+def audit() -> None:
+    """The gateway's tamper-evident audit log: verify it, show it."""
+
+
+@audit.command("verify")
+@click.argument("db_path", metavar="DB", type=click.Path(path_type=Path, dir_okay=False))
+@click.option(
+    "--pki", "pki_dir", type=click.Path(path_type=Path, file_okay=False),
+    help="PKI directory whose gateway certificates check the signatures (without it: the hash chain only).",
+)
+def audit_verify(db_path: Path, pki_dir: Path | None) -> None:
+    """Verify the audit log in a gateway database: the hash chain, the head record and,
+    with --pki, every entry's signature.
+
+    Prints `ok: N entries, head SEQ:HASH` and exits 0, or names the first broken entry
+    and exits 3 (1 for bad input)."""
+    from gateway.audit import gateway_keys, verify_db  # noqa: PLC0415 - see `run`
+
+    keys = gateway_keys(Pki(pki_dir)) if pki_dir is not None else None
+    report = verify_db(db_path, keys)
+    if report.broken is not None:
+        raise AuditBroken(report.broken.describe())
+    scope = "" if keys is not None else " (hash chain only: signatures not checked without --pki)"
+    click.echo(f"ok: {report.count} entries, head {report.head.seq}:{report.head.hash.hex()}{scope}")
+
+
+@audit.command("show")
+@click.argument("db_path", metavar="DB", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--last", type=click.IntRange(min=1), help="Only the last N entries.")
+def audit_show(db_path: Path, last: int | None) -> None:
+    """Print audit entries in order, one a line:
+    `#SEQ TIME ACTION ACTOR -> SUBJECT DATA [KID HASH]` (time in UTC). Shows what is
+    stored; `bluelight audit verify` says whether it can be trusted."""
+    from gateway.audit import open_for_reading, read_entries  # noqa: PLC0415 - see `run`
+    from gateway.core.audit import entry_line  # noqa: PLC0415
+
+    conn = open_for_reading(db_path)
+    try:
+        for entry in read_entries(conn, last=last):
+            click.echo(entry_line(entry))
+    finally:
+        conn.close()

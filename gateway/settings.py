@@ -8,12 +8,15 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from certs.pki import DEFAULT_GATEWAY_ID, Pki
 from edge_agent.config import build, load_section, parse_hostport
 from edge_agent.errors import ConfigError
 from edge_agent.wire.ids import check_id
+
+if TYPE_CHECKING:
+    from gateway.store import Retention
 
 SECTION = "gateway"
 MQTT_PROTOCOLS = ("5", "3.1.1")
@@ -65,6 +68,12 @@ class GatewaySettings:
     mqtt_protocol: str = "3.1.1"
     #: The shared-subscription group gateways split the uplink stream in.
     share_group: str = "bl-gateway"
+    #: Data minimisation: raw telemetry (officers' and vehicles' tracks) is deleted this
+    #: many days after the gateway received it (`Store.prune`) ...
+    retention_days: int = 31
+    #: ... and every other stored kind (events, status, acks) after this many. The audit
+    #: log is never pruned.
+    event_retention_days: int = 365
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -88,6 +97,8 @@ class GatewaySettings:
         _in_range("receipt_interval_ms", self.receipt_interval_ms, 0, 60_000)
         _in_range("session_expiry_s", self.session_expiry_s, 0, 2**32 - 1)
         _in_range("report_interval_s", self.report_interval_s, 0.1, 86_400)
+        _in_range("retention_days", self.retention_days, 1, 36_500)
+        _in_range("event_retention_days", self.event_retention_days, 1, 36_500)
 
     @property
     def broker_host(self) -> str:
@@ -96,6 +107,13 @@ class GatewaySettings:
     @property
     def broker_port(self) -> int:
         return parse_hostport(self.broker)[1]
+
+    @property
+    def retention(self) -> Retention:
+        """The retention rule for `Store.prune`."""
+        from gateway.store import Retention  # noqa: PLC0415 - settings load without the store's extras
+
+        return Retention(self.retention_days, self.event_retention_days)
 
     @property
     def pki(self) -> Pki:

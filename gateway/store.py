@@ -9,6 +9,12 @@ Tables::
               status_seq (the status message `state`/`online` come from), clock_skew_ms
     counters  name -> count: `accepted`, every rejection reason, `late`, `gaps`, `skewed`
     meta      key -> value: the gateway's own message sequence numbers (receipts)
+    audit, audit_head   the tamper-evident audit log (see gateway.audit); never pruned
+
+Retention: `prune` deletes messages past their kind's retention (`Retention`, by
+`recv_ts`, indexed), a chunk of rows per transaction; `devices.pruned_upto` remembers the highest pruned sequence
+number of each device, and `missing` only counts above it (below it, a gap can no
+longer be told from a pruned row).
 
 One writer: `write_batch` commits a whole batch in one transaction and must only be
 called from one thread at a time (the ingest shell runs it on a dedicated thread).
@@ -30,6 +36,7 @@ import sqlite_utils
 
 from edge_agent.errors import BluelightError
 from edge_agent.wire.errors import REASONS, Replayed
+from gateway.audit import AuditLog, create_tables
 from gateway.core import Accepted
 
 #: `missing` lists are cut to this many sequence numbers; `missing_count` is exact.
@@ -58,15 +65,55 @@ _COUNT = (
     "INSERT INTO counters (name, count) VALUES (?, ?) "
     "ON CONFLICT(name) DO UPDATE SET count = count + excluded.count"
 )
+# Gaps above `floor` (the device's `pruned_upto`): what was pruned is not missing.
 _MISSING_RANGES = """
 SELECT prev + 1 AS lo, seq - 1 AS hi FROM (
-    SELECT seq, LAG(seq, 1, 0) OVER (ORDER BY seq) AS prev FROM messages WHERE device_id = ?
+    SELECT seq, LAG(seq, 1, :floor) OVER (ORDER BY seq) AS prev FROM messages
+    WHERE device_id = :device_id AND seq > :floor
 ) WHERE seq > prev + 1 ORDER BY lo
 """
+#: Rows `prune` looks at per transaction, so it never holds the write lock for long.
+PRUNE_CHUNK = 2000
+DAY_MS = 86_400_000
+# Keyset pagination over the recv_ts index: rows received before the horizon, oldest first.
+_PRUNE_SCAN = """
+SELECT rowid, device_id, seq, kind, recv_ts FROM messages
+WHERE recv_ts < :horizon AND (recv_ts, rowid) > (:ts, :rowid) ORDER BY recv_ts, rowid LIMIT :n
+"""
+_PRUNED_UPTO = "UPDATE devices SET pruned_upto = max(coalesce(pruned_upto, 0), ?) WHERE id = ?"
 
 
 class StoreError(BluelightError):
     """The database cannot be opened or used."""
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How long stored messages are kept, by the gateway's receive time: raw telemetry
+    for `telemetry_days`, every other kind (events, status, acks) for `other_days`.
+    The pure "what to delete" rule; `Store.prune` applies it. Audit entries are never
+    pruned."""
+
+    telemetry_days: int
+    other_days: int
+
+    def __post_init__(self) -> None:
+        for name in ("telemetry_days", "other_days"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer > 0, got {value!r}")
+
+    def cutoff(self, kind: str, now_ms: int) -> int:
+        """Messages of `kind` received before this UTC ms are due for deletion."""
+        days = self.telemetry_days if kind == "telemetry" else self.other_days
+        return now_ms - days * DAY_MS
+
+    def expired(self, kind: str, recv_ts: int, now_ms: int) -> bool:
+        return recv_ts < self.cutoff(kind, now_ms)
+
+    def horizon(self, now_ms: int) -> int:
+        """Nothing received at or after this is due, whatever its kind."""
+        return now_ms - min(self.telemetry_days, self.other_days) * DAY_MS
 
 
 @dataclass
@@ -137,15 +184,21 @@ class Store:
             {
                 "id": str, "role": str, "first_seen": int, "last_seen": int, "last_seq": int,
                 "stored": int, "skewed": int, "state": str, "online": int, "status_seq": int,
-                "clock_skew_ms": int,
+                "clock_skew_ms": int, "pruned_upto": int,
             },
             pk="id",
-            not_null=["id", "last_seq", "stored", "skewed"],
-            defaults={"last_seq": 0, "stored": 0, "skewed": 0},
+            not_null=["id", "last_seq", "stored", "skewed", "pruned_upto"],
+            defaults={"last_seq": 0, "stored": 0, "skewed": 0, "pruned_upto": 0},
             if_not_exists=True,
         )
+        devices = db.table("devices")
+        if "pruned_upto" not in devices.columns_dict:  # a database from before retention
+            devices.add_column("pruned_upto", int, not_null_default=0)
         db.create_table("counters", {"name": str, "count": int}, pk="name", not_null=["count"], if_not_exists=True)
         db.create_table("meta", {"key": str, "value": int}, pk="key", not_null=["value"], if_not_exists=True)
+        # For `prune` (recv_ts rises with arrival, so the index grows at its right edge).
+        db.execute("CREATE INDEX IF NOT EXISTS messages_recv_ts ON messages (recv_ts)")
+        create_tables(db.conn)
 
     # -- writing (one writer) -------------------------------------------------
     def write_batch(
@@ -242,6 +295,66 @@ class Store:
             raise
         return first
 
+    def prune(
+        self,
+        now_ms: int,
+        retention: Retention,
+        *,
+        audit: AuditLog | None = None,
+        chunk: int = PRUNE_CHUNK,
+    ) -> int:
+        """Delete messages past `retention` at `now_ms` (UTC ms); returns how many.
+
+        Rows received before the retention horizon are visited oldest first (the
+        `recv_ts` index), `chunk` at a time, one short transaction each, so ingest waits
+        at most one chunk; rows of kinds kept longer are stepped over. Each device's
+        `pruned_upto` moves up in the same transaction. With `audit`, the run is then
+        recorded as one `retention.pruned` entry (also when nothing was due). Call it
+        from the writer thread (or its own connection: it only needs the busy timeout)."""
+        if chunk < 1:
+            raise ValueError("chunk must be >= 1")
+        conn = self.db.conn
+        deleted: dict[str, int] = {}
+        horizon = retention.horizon(now_ms)
+        after = (-(2**63), 0)  # (recv_ts, rowid) of the last row looked at
+        while True:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                params = {"horizon": horizon, "ts": after[0], "rowid": after[1], "n": chunk}
+                rows = conn.execute(_PRUNE_SCAN, params).fetchall()
+                doomed = [row for row in rows if retention.expired(row[3], row[4], now_ms)]
+                conn.executemany("DELETE FROM messages WHERE rowid = ?", [(row[0],) for row in doomed])
+                upto: dict[str, int] = {}
+                for _, device_id, seq, kind, _ in doomed:
+                    upto[device_id] = max(upto.get(device_id, 0), seq)
+                    deleted[kind] = deleted.get(kind, 0) + 1
+                conn.executemany(_PRUNED_UPTO, [(seq, device_id) for device_id, seq in upto.items()])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            if len(rows) < chunk:
+                break
+            after = (rows[-1][4], rows[-1][0])
+        total = sum(deleted.values())
+        if audit is not None:
+            audit.append(
+                "retention.pruned",
+                audit.kid,
+                "messages",
+                {
+                    "deleted": total,
+                    "by_kind": dict(sorted(deleted.items())),
+                    "telemetry_days": retention.telemetry_days,
+                    "other_days": retention.other_days,
+                    "telemetry_before": retention.cutoff("telemetry", now_ms),
+                    "other_before": retention.cutoff("event", now_ms),
+                },
+                ts=now_ms,
+            )
+        return total
+
     # -- reading --------------------------------------------------------------
     def last_seqs(self) -> dict[str, int]:
         """Highest stored sequence number per device (to seed the replay windows)."""
@@ -265,12 +378,19 @@ class Store:
             "stored": totals["stored"],
         }
 
-    def missing(self, device_id: str, limit: int = MISSING_LIMIT) -> tuple[list[int], int]:
-        """Sequence numbers in [1, last_seq] never stored for `device_id`: the first
-        `limit` of them, and how many there are in all."""
+    def missing(
+        self, device_id: str, limit: int = MISSING_LIMIT, *, floor: int | None = None
+    ) -> tuple[list[int], int]:
+        """Sequence numbers in (pruned_upto, last_seq] never stored for `device_id`: the
+        first `limit` of them, and how many there are in all. Below the device's highest
+        pruned sequence number (`floor`, read from `devices` if not given) nothing is
+        reported: retention deleted rows there, and a gap cannot be told from them."""
+        if floor is None:
+            rows = list(self.db.query("SELECT pruned_upto FROM devices WHERE id = ?", [device_id]))
+            floor = (rows[0]["pruned_upto"] or 0) if rows else 0
         seqs: list[int] = []
         count = 0
-        for row in self.db.query(_MISSING_RANGES, [device_id]):
+        for row in self.db.query(_MISSING_RANGES, {"device_id": device_id, "floor": floor}):
             lo, hi = row["lo"], row["hi"]
             count += hi - lo + 1
             if len(seqs) < limit:
@@ -287,7 +407,10 @@ class Store:
 
     def _device(self, row: Mapping[str, Any], missing_limit: int) -> dict[str, Any]:
         last_seq, stored = row["last_seq"], row["stored"]
-        missing, missing_count = ([], 0) if stored >= last_seq else self.missing(row["id"], missing_limit)
+        floor = row.get("pruned_upto") or 0  # absent in a database from before retention
+        missing, missing_count = (
+            ([], 0) if stored >= last_seq else self.missing(row["id"], missing_limit, floor=floor)
+        )
         return {
             "id": row["id"],
             "role": row["role"],
