@@ -29,7 +29,6 @@ import json
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from gateway.core.audit import (
     GENESIS_HEAD,
     AuditEntry,
     AuditError,
+    AuditRecord,
     ChainReport,
     Head,
     KeyLookup,
@@ -79,17 +79,6 @@ def create_tables(conn: sqlite3.Connection) -> None:
     """Create the audit tables and triggers if they are not there yet."""
     for statement in SCHEMA:
         conn.execute(statement)
-
-
-@dataclass(frozen=True)
-class AuditRecord:
-    """What to record; `AuditLog.append_many` turns these into signed entries."""
-
-    action: str
-    actor: str
-    subject: str
-    data: Mapping[str, Any] = field(default_factory=dict)
-    ts: int = 0
 
 
 class AuditLog:

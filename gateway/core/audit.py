@@ -141,6 +141,17 @@ GENESIS_HEAD = Head(0, GENESIS)
 
 
 @dataclass(frozen=True)
+class AuditRecord:
+    """What to record; `AuditLog.append_many` turns these into signed entries."""
+
+    action: str
+    actor: str
+    subject: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    ts: int = 0
+
+
+@dataclass(frozen=True)
 class AuditEntry:
     """One signed entry, as stored. Construction checks types and shapes, not the
     chain or signature (that is `verify_chain`)."""

@@ -1,0 +1,212 @@
+"""The situational picture and the fuse-decide-alert state machine, pure: messages in,
+incidents, alerts, unit states and audit records out, on an injected clock."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from edge_agent.wire.geo import offset
+from edge_agent.wire.model import validate_body
+from gateway.core.anpr import Hotlist, HotlistEntry
+from gateway.core.picture import Picture, Registry, RegistryError, UnitInfo
+from gateway.core.policy import default_policy
+from gateway.core.situation import Situation
+from gateway.core.streets import StraightLineEta
+
+T0 = 1_800_000_000_000
+CENTRE = (51.5, -0.12)
+
+
+@dataclass(frozen=True)
+class Msg:
+    device_id: str
+    seq: int
+    kind: str
+    ts: int
+    body: Mapping[str, Any]
+
+
+def at(north_m: float, east_m: float = 0.0) -> dict[str, float]:
+    lat, lon = offset(CENTRE, north_m, east_m)
+    return {"lat": lat, "lon": lon, "acc": 5.0}
+
+
+REGISTRY = Registry([
+    UnitInfo("off-a", "officer"),
+    UnitInfo("off-b", "officer"),
+    UnitInfo("off-c", "officer", capabilities=frozenset({"first_aid"})),
+    UnitInfo("sgt-1", "officer", supervisor=True),
+    UnitInfo("car-1", "vehicle", capabilities=frozenset({"armed"})),
+    UnitInfo("ac-1", "acoustic"), UnitInfo("ac-2", "acoustic"), UnitInfo("ac-3", "acoustic"),
+    UnitInfo("ac-4", "acoustic"), UnitInfo("cam-1", "anpr"),
+])
+PLACES = {"off-a": 100, "off-b": 300, "off-c": 600, "sgt-1": 900, "car-1": 1500}
+
+
+class Fleet:
+    """Units at fixed places reporting fixes, with their own sequence numbers."""
+
+    def __init__(self, situation: Situation) -> None:
+        self.situation = situation
+        self.seqs: dict[str, int] = {}
+
+    def send(self, device: str, kind: str, body: Mapping[str, Any], now: int) -> Any:
+        self.seqs[device] = self.seqs.get(device, 0) + 1
+        return self.situation.observe([Msg(device, self.seqs[device], kind, now, body)], now)
+
+    def report_all(self, now: int, where: Mapping[str, float] = PLACES) -> None:
+        for unit, north in where.items():
+            self.send(unit, "status", {"state": "available"}, now)
+            for i in range(3):
+                self.send(unit, "telemetry", at(north), now + i * 1000)
+
+
+@pytest.fixture
+def fleet() -> Fleet:
+    situation = Situation(Picture(REGISTRY), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0)
+    return f
+
+
+def test_a_panic_alerts_the_two_nearest_available_and_a_supervisor(fleet: Fleet) -> None:
+    now = T0 + 5000
+    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, now)
+    [incident] = fleet.situation.picture.incidents.values()
+    assert (incident.type, incident.subject) == ("panic", "off-a")
+    # by arrival time: off-b walks 200 m (~144 s); car-1 drives 1,400 m (~165 s) and beats off-c on foot
+    assert {(s.unit_id, s.role) for s in out.sends} == {("off-b", "responder"), ("car-1", "responder"),
+                                                          ("sgt-1", "supervisor")}
+    for send in out.sends:
+        validate_body("alert", send.body)
+        assert send.reasons
+    actions = [r.action for r in out.audit]
+    assert actions[:2] == ["incident.opened", "decision.made"]
+    assert actions.count("alert.sent") == 3
+
+
+def test_answers_move_the_alert_and_the_unit(fleet: Fleet) -> None:
+    now = T0 + 5000
+    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, now)
+    alert = next(s for s in out.sends if s.unit_id == "off-b")
+    fleet.send("off-b", "ack", {"alert_id": alert.alert_id, "answer": "received"}, now + 200)
+    fleet.send("off-b", "ack", {"alert_id": alert.alert_id, "answer": "accepted"}, now + 3000)
+    assert fleet.situation.alerts.alert(alert.alert_id).state == "accepted"
+    unit = fleet.situation.picture.units["off-b"]
+    assert (unit.state, unit.incident_id) == ("committed", alert.incident_id)
+    history = [h.state for h in fleet.situation.alerts.history(alert.alert_id)]
+    assert history == ["created", "sent", "delivered", "accepted"]
+    # committed units are not asked for the next incident
+    out2 = fleet.send("off-c", "event", {"type": "man_down", **at(600)}, now + 4000)
+    assert "off-b" not in {s.unit_id for s in out2.sends}
+
+
+def test_an_answer_from_the_wrong_unit_is_refused_and_counted(fleet: Fleet) -> None:
+    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, T0 + 5000)
+    alert = out.sends[0]
+    wrong = "off-c" if alert.unit_id != "off-c" else "off-b"
+    refused = fleet.send(wrong, "ack", {"alert_id": alert.alert_id, "answer": "accepted"}, T0 + 6000).refused
+    assert [reason for reason, _ in refused] == ["wrong_unit"]
+    assert fleet.situation.alerts.alert(alert.alert_id).state == "sent"
+
+
+def test_no_answer_escalates_once_at_the_timeout(fleet: Fleet) -> None:
+    now = T0 + 5000
+    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, now)
+    first = {s.unit_id for s in out.sends}
+    timeout = max(s.expires_ts for s in out.sends)
+    assert fleet.situation.tick(timeout - 1).sends == []
+    escalated = fleet.situation.tick(timeout).sends
+    assert escalated, "the unanswered alerts go to the next-best units"
+    assert not {s.unit_id for s in escalated} & first
+    for t in range(timeout + 1, timeout + 10):
+        assert fleet.situation.tick(t).sends == []
+
+
+def test_a_second_alarm_of_the_same_officer_is_merged(fleet: Fleet) -> None:
+    fleet.send("off-a", "event", {"type": "panic", **at(100)}, T0 + 5000)
+    out = fleet.send("off-a", "event", {"type": "man_down", **at(102)}, T0 + 9000)
+    assert out.sends == []
+    [incident] = fleet.situation.picture.incidents.values()
+    assert len(incident.sources) == 2
+
+
+def test_a_redelivered_event_is_taken_once(fleet: Fleet) -> None:
+    msg = Msg("off-a", 99, "event", T0 + 5000, {"type": "panic", **at(100)})
+    assert fleet.situation.observe([msg], T0 + 5000).sends
+    assert fleet.situation.observe([msg], T0 + 5100).sends == []
+
+
+def test_a_gunshot_heard_by_four_sensors_is_located_and_sends_the_armed_car() -> None:
+    sites = {"ac-1": (400, -400), "ac-2": (400, 400), "ac-3": (-400, 400), "ac-4": (-400, -400)}
+    source = (50.0, 120.0)
+    situation = Situation(Picture(REGISTRY), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0)
+    sends = []
+    for sensor, (n, e) in sites.items():
+        dist = ((n - source[0]) ** 2 + (e - source[1]) ** 2) ** 0.5
+        t_ns = (T0 + 6000) * 1_000_000 + round(dist / 343.0 * 1e9)
+        body = {"type": "gunshot", **at(n, e), "detail": {"t_detect_ns": t_ns, "confidence": 0.9}}
+        sends += f.send(sensor, "event", body, T0 + 8000).sends
+    [incident] = situation.picture.incidents.values()
+    assert incident.type == "gunshot"
+    lat, lon = offset(CENTRE, *source)
+    assert abs(incident.lat - lat) < 1e-5
+    assert abs(incident.lon - lon) < 1e-5
+    assert incident.uncertainty_m is not None
+    assert [s.unit_id for s in sends] == ["car-1"]
+
+
+def test_an_anpr_hotlist_hit_opens_an_incident() -> None:
+    hotlist = Hotlist([HotlistEntry("RF19XKD", "stolen", T0 + 3_600_000)])
+    situation = Situation(Picture(REGISTRY, hotlist=hotlist), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0)
+    f.send("cam-1", "event", {"type": "anpr_read", **at(0), "detail": {"plate": "ZZ11ZZZ"}}, T0 + 4000)
+    assert not situation.picture.incidents
+    f.send("cam-1", "event", {"type": "anpr_read", **at(0), "detail": {"plate": "RF19 XKD", "direction":
+                                                                        "approaching"}}, T0 + 5000)
+    [incident] = situation.picture.incidents.values()
+    assert (incident.type, incident.detail["plate"], incident.detail["reason"]) == ("anpr_hit", "RF19XKD", "stolen")
+
+
+def test_operator_incident_override_and_close(fleet: Fleet) -> None:
+    lat, lon = offset(CENTRE, 300, 0)
+    incident_id, out = fleet.situation.create_incident("operator", lat, lon, T0 + 5000, by="op-1", note="fight")
+    [alert] = out.sends
+    assert alert.unit_id == "off-b"
+    over = fleet.situation.override(alert.alert_id, "op-1", T0 + 6000, reason="closer unit known", new_unit_id="off-c")
+    assert [s.unit_id for s in over.sends] == ["off-c"]
+    assert ("off-b", alert.alert_id) in over.withdrawn
+    assert "alert.override" in [r.action for r in over.audit]
+    closed = fleet.situation.close_incident(incident_id, "op-1", T0 + 7000)
+    assert fleet.situation.picture.incidents[incident_id].status == "closed"
+    assert "incident.closed" in [r.action for r in closed.audit]
+
+
+def test_picture_features_are_geojson(fleet: Fleet) -> None:
+    fleet.send("off-a", "event", {"type": "panic", **at(100)}, T0 + 5000)
+    features = fleet.situation.picture.features(T0 + 6000)
+    layers = {f["properties"]["layer"] for f in features}
+    assert layers == {"unit", "incident"}
+    unit = next(f for f in features if f["properties"]["id"] == "off-b")
+    assert unit["geometry"]["type"] == "Point"
+    lon, lat = unit["geometry"]["coordinates"]
+    assert abs(lat - at(300)["lat"]) < 1e-4
+
+
+def test_registry_errors_name_the_entry() -> None:
+    with pytest.raises(RegistryError, match=r"units\[1\]: 'id' must be"):
+        Registry.from_data({"units": [{"id": "a", "kind": "officer"}, {"kind": "vehicle"}]})
+    with pytest.raises(RegistryError, match="kind must be one of"):
+        Registry.from_data({"units": [{"id": "a", "kind": "horse"}]})
+    reg = Registry.from_data({"units": [{"id": "a", "kind": "vehicle", "capabilities": ["armed"]}],
+                              "zones": [{"id": "z", "rule": "coverage", "points": [[51.5, -0.12], [51.51, -0.12],
+                                                                                  [51.51, -0.11]]}]})
+    assert reg.get("a") == UnitInfo("a", "vehicle", capabilities=frozenset({"armed"}))
+    assert reg.zones[0].zone_id == "z"
