@@ -13,17 +13,22 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from cryptography import x509
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.requests import HTTPConnection
 
 from certs.pki import id_of, role_of
 from edge_agent.wire.errors import REASONS
 from edge_agent.wire.ids import Role
+from gateway.core.alerts import AlertError
+from gateway.situation import SituationService
 from gateway.store import MISSING_LIMIT, Store, StoreError
 
 #: Roles that may use the API.
 API_ROLES = frozenset({Role.OPERATOR, Role.ADMIN, Role.GATEWAY})
+#: Roles that may change the picture: open and close incidents, override alerts.
+OPERATOR_ROLES = frozenset({Role.OPERATOR, Role.ADMIN})
 
 T = TypeVar("T")
 
@@ -52,6 +57,10 @@ class NotFound(ApiError):
 
 class Unavailable(ApiError):
     code = "unavailable"
+
+
+class Conflict(ApiError):
+    code = "conflict"
 
 
 class ErrorBody(BaseModel):
@@ -91,6 +100,27 @@ class Device(BaseModel):
     skewed: int = Field(0, description="Stored messages flagged for clock skew.")
 
 
+class NewIncident(BaseModel):
+    type: str = Field("operator", pattern=r"^[a-z][a-z0-9_]{0,39}$", description="Incident type (a policy rule).")
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    note: str = Field("", max_length=500)
+
+
+class Created(BaseModel):
+    incident_id: str
+
+
+class Override(BaseModel):
+    new_unit_id: str | None = Field(None, description="Reassign to this unit; or set `cancel`.")
+    cancel: bool = False
+    reason: str = Field(min_length=1, max_length=500, description="Why (kept in the audit log).")
+
+
+class Close(BaseModel):
+    reason: str = Field("", max_length=500)
+
+
 @dataclass(frozen=True)
 class Peer:
     """Who is calling: the client certificate's CN and OU."""
@@ -99,7 +129,7 @@ class Peer:
     role: Role | None
 
 
-def client_peer(request: Request) -> Peer:
+def client_peer(request: HTTPConnection) -> Peer:
     """The caller's identity from the TLS extension `gateway.https` puts in the scope."""
     tls = (request.scope.get("extensions") or {}).get("tls") or {}
     chain = tls.get("client_cert_chain") or []
@@ -113,6 +143,14 @@ def require_role(peer: Annotated[Peer, Depends(client_peer)]) -> Peer:
     if peer.role not in API_ROLES:
         role = peer.role.value if peer.role else "none"
         raise Forbidden(f"{peer.id} has role {role}; the API is for {', '.join(sorted(API_ROLES))}")
+    return peer
+
+
+def require_operator(peer: Annotated[Peer, Depends(require_role)]) -> Peer:
+    """Changing the picture (incidents, overrides) is for operators and admins."""
+    if peer.role not in OPERATOR_ROLES:
+        role = peer.role.value if peer.role else "none"
+        raise Forbidden(f"{peer.id} has role {role}; changes are for {', '.join(sorted(OPERATOR_ROLES))}")
     return peer
 
 
@@ -134,9 +172,11 @@ def create_app(
     *,
     gateway_id: str,
     live: Callable[[], dict[str, Any]] | None = None,
+    situation: SituationService | None = None,
 ) -> FastAPI:
     """The API over the store at `db_path` (read through its own connections).
-    `live` adds the running ingest's figures to `/stats` and `/health`."""
+    `live` adds the running ingest's figures to `/stats` and `/health`; `situation`
+    serves the picture, incidents, alerts, operators' changes and the live stream."""
 
     async def read(fn: Callable[[Store], T]) -> T:
         def run() -> T:
@@ -157,7 +197,8 @@ def create_app(
         docs_url="/api/v1/docs",
         redoc_url=None,
     )
-    for exc_type, status in ((NotAuthenticated, 401), (Forbidden, 403), (NotFound, 404), (Unavailable, 503)):
+    errors = ((NotAuthenticated, 401), (Forbidden, 403), (NotFound, 404), (Conflict, 409), (Unavailable, 503))
+    for exc_type, status in errors:
         app.add_exception_handler(exc_type, _handler(status))
 
     router = APIRouter(prefix="/api/v1", dependencies=[Depends(require_role)], responses=_ERRORS)
@@ -189,5 +230,99 @@ def create_app(
             raise NotFound(f"no device {device_id!r}")
         return Device(**found)
 
+    if situation is not None:
+        _situation_routes(app, router, situation)
     app.include_router(router)
     return app
+
+
+def _situation_routes(app: FastAPI, router: APIRouter, situation: SituationService) -> None:
+    """The situational picture: GeoJSON, incidents, alerts, operators' changes, stream."""
+    operator = [Depends(require_operator)]
+
+    def incident_or_404(incident_id: str) -> dict[str, Any]:
+        try:
+            return situation.incident(incident_id)
+        except KeyError:
+            raise NotFound(f"no incident {incident_id!r}") from None
+
+    @router.get("/picture", summary="The live picture as a GeoJSON FeatureCollection",
+                response_class=JSONResponse, responses={200: {"content": {"application/geo+json": {}}}})
+    async def picture() -> JSONResponse:
+        return JSONResponse(situation.picture(), media_type="application/geo+json")
+
+    @router.get("/incidents", summary="Every incident with its recommendation and alerts")
+    async def incidents() -> list[dict[str, Any]]:
+        return situation.incidents()
+
+    @router.get("/incidents/{incident_id}", summary="One incident",
+                responses={404: {"model": ErrorBody, "description": "No such incident."}})
+    async def incident(incident_id: str) -> dict[str, Any]:
+        return incident_or_404(incident_id)
+
+    @router.post("/incidents", status_code=201, response_model=Created, dependencies=operator,
+                 summary="Open an incident (operators); it is decided and alerted like any other")
+    async def create_incident(body: NewIncident, peer: Annotated[Peer, Depends(client_peer)]) -> Created:
+        return Created(incident_id=situation.create_incident(body.type, body.lat, body.lon, by=peer.id,
+                                                             note=body.note))
+
+    @router.post("/incidents/{incident_id}/close", dependencies=operator, summary="Close an incident (operators)",
+                 responses={404: {"model": ErrorBody, "description": "No such incident."}})
+    async def close_incident(incident_id: str, body: Close,
+                             peer: Annotated[Peer, Depends(client_peer)]) -> dict[str, Any]:
+        incident_or_404(incident_id)
+        situation.close_incident(incident_id, peer.id, reason=body.reason)
+        return incident_or_404(incident_id)
+
+    async def override(target: str, body: Override, peer: Peer) -> None:
+        try:
+            situation.override(target, peer.id, reason=body.reason, new_unit_id=body.new_unit_id,
+                               cancel=body.cancel)
+        except AlertError as exc:
+            if exc.reason == "unknown_alert":
+                raise NotFound(str(exc)) from None
+            raise Conflict(str(exc)) from None
+
+    conflict: dict[int | str, dict[str, Any]] = {404: {"model": ErrorBody, "description": "No such alert or incident."},
+                409: {"model": ErrorBody, "description": "The override does not fit the alert's state."}}
+
+    @router.post("/incidents/{incident_id}/override", dependencies=operator, responses=conflict,
+                 summary="Reassign an incident to another unit, or cancel its alerts (operators)")
+    async def override_incident(incident_id: str, body: Override,
+                                peer: Annotated[Peer, Depends(client_peer)]) -> dict[str, Any]:
+        incident_or_404(incident_id)
+        await override(incident_id, body, peer)
+        return incident_or_404(incident_id)
+
+    @router.post("/alerts/{alert_id}/override", dependencies=operator, responses=conflict,
+                 summary="Reassign one alert to another unit, or cancel it (operators)")
+    async def override_alert(alert_id: str, body: Override,
+                             peer: Annotated[Peer, Depends(client_peer)]) -> dict[str, Any]:
+        await override(alert_id, body, peer)
+        return situation.situation.alert_json(alert_id)
+
+    @router.get("/alerts", summary="Every alert with its lifecycle (sent, delivered, answered, escalated, ...)")
+    async def alerts() -> list[dict[str, Any]]:
+        return situation.alerts()
+
+    @app.websocket("/api/v1/stream")
+    async def stream(websocket: WebSocket) -> None:
+        """The picture live: one `snapshot` message, then `delta` messages with the
+        changed features (`changes`: [{layer, id, op, feature}]), at most one per tick."""
+        try:
+            require_role(client_peer(websocket))
+        except ApiError as exc:
+            await websocket.close(code=1008, reason=exc.detail[:120])
+            return
+        await websocket.accept()
+        sub = situation.hub.subscribe()
+        try:
+            await websocket.send_json({"type": "snapshot", **situation.picture()})
+            while True:
+                await sub.ready.wait()
+                await asyncio.sleep(situation.tick_s)  # gather a tick's worth of changes
+                await websocket.send_json({"type": "delta", "changes": [d.as_json() for d in sub.take()]})
+        except WebSocketDisconnect:
+            return
+        finally:
+            situation.hub.unsubscribe(sub)

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from asyncio import BaseTransport
 from collections.abc import Iterator
 from typing import Any
 
 import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from edge_agent.errors import BluelightError
 
@@ -69,6 +71,15 @@ class MtlsHttpToolsProtocol(HttpToolsProtocol):
         self.app = _WithTls(self.app, tls_extension(transport))
 
 
+class MtlsWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-IO WebSocket protocol, plus the client certificate in the scope
+    (an upgraded connection gets a new protocol object on the same TLS transport)."""
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        self.app = _WithTls(self.app, tls_extension(transport))
+
+
 class QuietServer(uvicorn.Server):
     """A uvicorn server that leaves signal handling to the service that runs it."""
 
@@ -102,6 +113,8 @@ def server_config(app: Any, context: ssl.SSLContext, *, log_level: str = "warnin
     return uvicorn.Config(
         app,
         http=MtlsHttpToolsProtocol,
+        ws=MtlsWebSocketProtocol,
+        ws_max_size=64 * 1024,
         ssl_context_factory=lambda _config, _default: context,
         lifespan="off",
         log_config=None,

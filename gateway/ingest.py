@@ -546,7 +546,7 @@ class Ingest:
         self._tls = tls_context
         self._signer = signer
         self._clock_ms = clock_ms
-        self._on_stored = on_stored
+        self.on_stored = on_stored
         self._client: _IngestClient | None = None
         self._inbox: _Inbox | None = None
         self._lost_qos1 = False
@@ -735,8 +735,8 @@ class Ingest:
             result = await self._commit(batch)
             self.committed += result.inserted
             self._ack(batch)
-            if self._on_stored is not None and batch.decided.records:
-                self._on_stored(batch.decided.records)
+            if self.on_stored is not None and batch.decided.records:
+                self.on_stored(batch.decided.records)
             for device, seqs in result.receipts.items():
                 self.receipts.add(device, seqs)
             if result.receipts:

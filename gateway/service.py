@@ -19,18 +19,23 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable
 
 from certs.signing import load_signer
 from certs.tls import client_context, server_context
 from edge_agent.errors import BluelightError
 from gateway.api import create_app
+from gateway.audit import AuditLog
 from gateway.https import QuietServer, bind, server_config
 from gateway.ingest import Ingest
 from gateway.settings import GatewaySettings
+from gateway.situation import SituationService
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
+
+RETENTION_EVERY_S = 3600.0
 
 
 class GatewayError(BluelightError):
@@ -44,6 +49,7 @@ class Gateway:
         self.settings = settings
         self.ready = asyncio.Event()
         self.ingest: Ingest | None = None
+        self.situation: SituationService | None = None
         self.api_url = ""
         self._stop = asyncio.Event()
 
@@ -67,12 +73,18 @@ class Gateway:
         except BaseException:
             sock.close()
             raise
+        audit: AuditLog | None = None
         try:
+            audit = await asyncio.to_thread(AuditLog.open, s.db_path, signer)
             ingest = self.ingest = Ingest(s, store, tls_context=mqtt_tls, signer=signer)
-            app = create_app(s.db_path, gateway_id=s.gateway_id, live=ingest.live)
+            situation = self.situation = SituationService.from_settings(s, ingest, audit)
+            ingest.on_stored = situation.on_stored
+            app = create_app(s.db_path, gateway_id=s.gateway_id, live=ingest.live, situation=situation)
             server = QuietServer(server_config(app, http_tls))
             async with asyncio.TaskGroup() as tg:
                 ingest_task = tg.create_task(ingest.run(), name="gateway-ingest")
+                situation_task = tg.create_task(situation.run(), name="gateway-situation")
+                retention_task = tg.create_task(self._retention(audit), name="gateway-retention")
                 api_task = tg.create_task(server.serve(sockets=[sock]), name="gateway-api")
                 while not server.started and not api_task.done():  # noqa: ASYNC110 - uvicorn has no started event
                     await asyncio.sleep(0.01)
@@ -81,16 +93,36 @@ class Gateway:
                 if on_ready is not None:
                     on_ready(self)
                 stop = tg.create_task(self._stop.wait(), name="gateway-stop")
-                await asyncio.wait({stop, api_task, ingest_task}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({stop, api_task, ingest_task, situation_task}, return_when=asyncio.FIRST_COMPLETED)
                 server.should_exit = True
                 with contextlib.suppress(asyncio.CancelledError):
                     await api_task
                 ingest_task.cancel()
-                stop.cancel()
+                for task in (situation_task, retention_task, stop):
+                    task.cancel()
+                await situation.flush_audit()
         finally:
             sock.close()
             store.close()
+            if audit is not None:
+                audit.close()
             log.info("gateway %s stopped", s.gateway_id)
+
+
+    async def _retention(self, audit: AuditLog) -> None:
+        """Data minimisation: delete telemetry and events past their retention, hourly,
+        on a connection of its own (short chunks; the ingest's writer waits at most one)."""
+        s = self.settings
+        while True:
+            def prune() -> int:
+                with Store.open(s.db_path) as store:
+                    return store.prune(time.time_ns() // 1_000_000, s.retention, audit=audit)
+
+            deleted = await asyncio.to_thread(prune)
+            if deleted:
+                log.info("retention: deleted %d messages past %d/%d days", deleted, s.retention_days,
+                         s.event_retention_days)
+            await asyncio.sleep(RETENTION_EVERY_S)
 
 
 async def serve(settings: GatewaySettings, *, on_ready: Callable[[Gateway], None] | None = None) -> None:

@@ -74,6 +74,20 @@ class GatewaySettings:
     #: ... and every other stored kind (events, status, acks) after this many. The audit
     #: log is never pruned.
     event_retention_days: int = 365
+    #: Next-best-action policy (YAML, docs/next-best-action.md); the built-in default
+    #: policy when unset.
+    policy_path: Path | None = None
+    #: Units (kind, call sign, capabilities, supervisor), fixed sensor sites and
+    #: geofence zones (YAML). Devices not listed are shown but never dispatched.
+    registry_path: Path | None = None
+    #: Street graph (GeoJSON LineStrings) for arrival-time estimates; without it,
+    #: straight-line distance times the policy's detour factor.
+    map_path: Path | None = None
+    #: ANPR hotlist (YAML: `hotlist: [{plate, reason, expires_ts, priority, markers}]`).
+    hotlist_path: Path | None = None
+    #: How often alert timeouts, escalations and arrivals are checked, and picture
+    #: changes are sent to WebSocket clients (ms).
+    tick_ms: int = 200
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -99,6 +113,7 @@ class GatewaySettings:
         _in_range("report_interval_s", self.report_interval_s, 0.1, 86_400)
         _in_range("retention_days", self.retention_days, 1, 36_500)
         _in_range("event_retention_days", self.event_retention_days, 1, 36_500)
+        _in_range("tick_ms", self.tick_ms, 10, 10_000)
 
     @property
     def broker_host(self) -> str:
@@ -133,6 +148,10 @@ def _in_range(name: str, value: float, lo: float, hi: float) -> None:
 def _coerce(name: str, kind: Any, value: Any) -> Any:
     """Values from the environment arrive as strings; turn them into the field's type."""
     kind = str(kind)
+    if kind == "Path | None":
+        if value is None or value == "":
+            return None
+        kind = "Path"
     if kind == "Path":
         if not isinstance(value, str | Path) or not str(value):
             raise ValueError(f"{name} must be a path, got {value!r}")

@@ -1,0 +1,309 @@
+"""The shell around `gateway.core.situation`: stored messages in (from the ingest),
+signed alerts out (through the ingest's broker connection), picture changes to
+WebSocket clients, every decision and answer to the audit log.
+
+    service = SituationService.from_settings(settings, ingest, audit)
+    ingest = Ingest(..., on_stored=service.on_stored)
+    await service.run()             # ticks, publishes alerts, writes the audit log
+
+Queues and what happens when they are full:
+- alerts to publish: unbounded in count but bounded by incidents (a few per incident);
+  an alert that cannot be published (no broker connection) stays first in line and is
+  retried every `RETRY_S`; an alert past its `expires_ts` is still sent once (the
+  officer app shows it as expired), escalation has already moved on.
+- audit records: appended every `AUDIT_FLUSH_S` in one transaction on a thread; they
+  are never dropped (a failing write is retried and logged).
+- WebSocket clients: each has a map of pending changes keyed by feature, so a slow
+  client gets the latest state of each feature, never an ever-growing backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import sqlite3
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import yaml
+
+from edge_agent.errors import BluelightError
+from gateway.audit import AuditLog
+from gateway.core.alerts import AlertError, AlertOut
+from gateway.core.anpr import Hotlist, HotlistError
+from gateway.core.audit import AuditRecord
+from gateway.core.ingest import Accepted
+from gateway.core.picture import Delta, Picture, PictureConfig, Registry, RegistryError
+from gateway.core.policy import Policy, PolicyError, default_policy, load_policy
+from gateway.core.situation import Output, Situation
+from gateway.core.streets import EtaModel, StraightLineEta, StreetEta, StreetGraph, StreetsError
+from gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 0.5
+AUDIT_FLUSH_S = 0.1
+
+
+class SituationError(BluelightError):
+    """The situational picture cannot start (a policy, registry, map or hotlist file is bad)."""
+
+
+class Downlink(Protocol):
+    async def publish_down(self, device: str, kind: str, body: Any) -> bool: ...
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Subscriber:
+    """One WebSocket client: the latest pending change per feature, and a wake-up."""
+
+    pending: dict[tuple[str, str], Delta] = field(default_factory=dict)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def take(self) -> list[Delta]:
+        out = list(self.pending.values())
+        self.pending.clear()
+        self.ready.clear()
+        return out
+
+
+class DeltaHub:
+    """Fans picture changes out to subscribers, coalescing per feature."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscriber] = set()
+
+    def subscribe(self) -> Subscriber:
+        sub = Subscriber()
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    @property
+    def count(self) -> int:
+        return len(self._subscribers)
+
+    def publish(self, deltas: Sequence[Delta]) -> None:
+        if not deltas:
+            return
+        for sub in self._subscribers:
+            for delta in deltas:
+                sub.pending[(delta.layer, delta.id)] = delta
+            sub.ready.set()
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SituationError(f"cannot read the {what} {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise SituationError(f"the {what} {path} is not valid YAML: {exc}") from None
+
+
+def load_inputs(settings: GatewaySettings) -> tuple[Policy, Registry, EtaModel, Hotlist]:
+    """Policy, registry, street map and hotlist from the settings' files, validated;
+    one `SituationError` naming the file and the mistake otherwise."""
+    try:
+        policy = load_policy(settings.policy_path) if settings.policy_path else default_policy()
+    except PolicyError as exc:
+        raise SituationError(str(exc)) from None
+    except OSError as exc:
+        raise SituationError(f"cannot read the policy {settings.policy_path}: {exc.strerror}") from None
+    registry = Registry()
+    if settings.registry_path is not None:
+        try:
+            registry = Registry.from_data(_read_yaml(settings.registry_path, "registry"), str(settings.registry_path))
+        except RegistryError as exc:
+            raise SituationError(str(exc)) from None
+    eta: EtaModel = StraightLineEta(policy.speeds, detour=policy.straight_line_detour)
+    if settings.map_path is not None:
+        try:
+            graph = StreetGraph.from_geojson(orjson.loads(settings.map_path.read_bytes()))
+        except OSError as exc:
+            raise SituationError(f"cannot read the map {settings.map_path}: {exc.strerror}") from None
+        except (orjson.JSONDecodeError, StreetsError, ValueError) as exc:
+            raise SituationError(f"the map {settings.map_path} is not a street GeoJSON: {exc}") from None
+        eta = StreetEta(graph, policy.speeds)
+    hotlist = Hotlist([])
+    if settings.hotlist_path is not None:
+        data = _read_yaml(settings.hotlist_path, "hotlist")
+        records = data.get("hotlist") if isinstance(data, dict) else data
+        try:
+            hotlist = Hotlist.from_records(records or [])
+        except (HotlistError, TypeError, ValueError) as exc:
+            raise SituationError(f"{settings.hotlist_path}: {exc}") from None
+    return policy, registry, eta, hotlist
+
+
+class SituationService:
+    """Owns the `Situation`; runs on the gateway's event loop."""
+
+    def __init__(
+        self,
+        situation: Situation,
+        downlink: Downlink,
+        audit: AuditLog,
+        *,
+        tick_s: float,
+        clock_ms: Callable[[], int] = wall_ms,
+    ) -> None:
+        self.situation = situation
+        self.hub = DeltaHub()
+        self.counts: Counter[str] = Counter()
+        self._downlink = downlink
+        self._audit = audit
+        self.tick_s = tick_s
+        self._clock_ms = clock_ms
+        self._sends: deque[tuple[str, str, dict[str, Any]]] = deque()
+        self._send_ready = asyncio.Event()
+        self._audit_pending: list[AuditRecord] = []
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings, downlink: Downlink, audit: AuditLog) -> SituationService:
+        policy, registry, eta, hotlist = load_inputs(settings)
+        prefix = time.strftime("INC%y%m%d%H%M", time.gmtime())
+        picture = Picture(registry, hotlist=hotlist, config=PictureConfig(), incident_prefix=prefix)
+        service = cls(Situation(picture, policy, eta), downlink, audit, tick_s=settings.tick_ms / 1000)
+        path = settings.policy_path
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "built-in"
+        service._audit_pending.append(AuditRecord(
+            "policy.loaded", settings.gateway_id, policy.source,
+            {"rules": sorted(policy.rules), "sha256": digest, "units": len(registry.units),
+             "sensors": len(registry.sites), "zones": len(registry.zones)}, wall_ms()))
+        log.info("situation: policy %s (%d rules), %d registered units, %d sensor sites, %d zones, %s",
+                 policy.source, len(policy.rules), len(registry.units), len(registry.sites), len(registry.zones),
+                 type(eta).__name__)
+        return service
+
+    # -- inputs (event loop) -------------------------------------------------------------------
+
+    def on_stored(self, records: Sequence[Accepted]) -> None:
+        """The ingest's feed: a committed batch's accepted records."""
+        self.take(self.situation.observe(records, self._clock_ms()))
+
+    def take(self, out: Output) -> None:
+        """Act on what the core decided."""
+        for alert in out.sends:
+            self._queue(alert)
+        for unit_id, alert_id in out.withdrawn:
+            self._sends.append((unit_id, "cmd", {"type": "withdraw", "alert_id": alert_id}))
+            self._send_ready.set()
+        self._audit_pending += out.audit
+        self.hub.publish(out.deltas)
+        for reason, detail in out.refused:
+            self.counts[f"ack_refused_{reason}"] += 1
+            log.warning("ack refused (%s): %s", reason, detail)
+        for flag in out.flags:
+            self.counts["flags"] += 1
+            log.warning("control room: %s", flag)
+
+    def _queue(self, alert: AlertOut) -> None:
+        self._sends.append((alert.unit_id, "alert", dict(alert.body)))
+        self._send_ready.set()
+
+    # -- operators (API) -----------------------------------------------------------------------
+
+    def create_incident(self, type_: str, lat: float, lon: float, *, by: str, note: str) -> str:
+        incident_id, out = self.situation.create_incident(type_, lat, lon, self._clock_ms(), by=by, note=note)
+        self.take(out)
+        return incident_id
+
+    def override(self, target: str, operator: str, *, reason: str, new_unit_id: str | None, cancel: bool) -> None:
+        """Raises `AlertError` (its subclasses say why)."""
+        self.take(self.situation.override(target, operator, self._clock_ms(), reason=reason,
+                                          new_unit_id=new_unit_id, cancel=cancel))
+
+    def close_incident(self, incident_id: str, operator: str, *, reason: str) -> None:
+        self.take(self.situation.close_incident(incident_id, operator, self._clock_ms(), reason=reason))
+
+    # -- views (API) ---------------------------------------------------------------------------
+
+    def picture(self) -> dict[str, Any]:
+        return {"type": "FeatureCollection", "features": self.situation.picture.features(self._clock_ms())}
+
+    def incidents(self) -> list[dict[str, Any]]:
+        return [self.incident(i) for i in self.situation.picture.incidents]
+
+    def incident(self, incident_id: str) -> dict[str, Any]:
+        inc = self.situation.picture.incidents[incident_id]
+        rec = self.situation.recommendations.get(incident_id)
+        return {
+            "incident_id": inc.id, "type": inc.type, "status": inc.status, "lat": inc.lat, "lon": inc.lon,
+            "t_ms": inc.t_ms, "opened_ms": inc.opened_ms, "subject": inc.subject, "by": inc.by,
+            "uncertainty_m": inc.uncertainty_m, "detail": inc.detail, "sources": inc.sources,
+            "recommendation": None if rec is None else {
+                "chosen": [c.as_dict() for c in rec.chosen], "passed_over": [p.as_dict() for p in rec.passed_over],
+                "reason": rec.reason,
+            },
+            "alerts": [self.situation.alert_json(a.alert_id) for a in self.situation.alerts.alerts_for(inc.id)],
+        }
+
+    def alerts(self) -> list[dict[str, Any]]:
+        out = []
+        for incident_id in self.situation.picture.incidents:
+            out += [self.situation.alert_json(a.alert_id) for a in self.situation.alerts.alerts_for(incident_id)]
+        return out
+
+    def live(self) -> dict[str, Any]:
+        return {"alerts_queued": len(self._sends), "audit_pending": len(self._audit_pending),
+                "stream_clients": self.hub.count, **self.counts}
+
+    # -- loops ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._tick_loop(), name="situation-tick")
+            tg.create_task(self._send_loop(), name="situation-send")
+            tg.create_task(self._audit_loop(), name="situation-audit")
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_s)
+            self.take(self.situation.tick(self._clock_ms()))
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._send_ready.wait()
+            self._send_ready.clear()
+            while self._sends:
+                device, kind, body = self._sends[0]
+                if not await self._downlink.publish_down(device, kind, body):
+                    self.counts[f"{kind}_retries"] += 1
+                    await asyncio.sleep(RETRY_S)
+                    continue
+                self._sends.popleft()
+                self.counts[f"{kind}_published"] += 1
+
+    async def _audit_loop(self) -> None:
+        while True:
+            await asyncio.sleep(AUDIT_FLUSH_S)
+            await self.flush_audit()
+
+    async def flush_audit(self) -> None:
+        if not self._audit_pending:
+            return
+        batch, self._audit_pending = self._audit_pending, []
+        try:
+            await asyncio.to_thread(self._audit.append_many, batch)
+        except sqlite3.OperationalError as exc:
+            self._audit_pending[:0] = batch  # kept, in order, for the next flush
+            log.warning("audit write failed, retrying: %s", exc)
+            return
+        self.counts["audit_entries"] += len(batch)
+
+
+__all__ = ["AlertError", "DeltaHub", "SituationError", "SituationService", "Subscriber", "load_inputs"]
+
