@@ -316,13 +316,22 @@ def _situation_routes(app: FastAPI, router: APIRouter, situation: SituationServi
             return
         await websocket.accept()
         sub = situation.hub.subscribe()
-        try:
-            await websocket.send_json({"type": "snapshot", **situation.picture()})
+
+        async def pump() -> None:
+            features = situation.picture()["features"]
+            await websocket.send_json({"type": "snapshot", "features": features})
             while True:
                 await sub.ready.wait()
                 await asyncio.sleep(situation.tick_s)  # gather a tick's worth of changes
                 await websocket.send_json({"type": "delta", "changes": [d.as_json() for d in sub.take()]})
-        except WebSocketDisconnect:
-            return
+
+        try:
+            async with asyncio.TaskGroup() as tg:
+                sender = tg.create_task(pump(), name="stream-send")
+                while (await websocket.receive())["type"] != "websocket.disconnect":
+                    pass  # clients send nothing the stream needs; their close ends it
+                sender.cancel()
+        except* WebSocketDisconnect:
+            pass  # the client went away mid-send
         finally:
             situation.hub.unsubscribe(sub)

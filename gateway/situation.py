@@ -63,7 +63,7 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscriber:
     """One WebSocket client: the latest pending change per feature, and a wake-up."""
 

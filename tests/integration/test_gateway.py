@@ -76,6 +76,7 @@ class Device:
         self.registry = KeyRegistry(pki)
         self.receipts: list[Message] = []
         self.receipted: set[int] = set()
+        self.alerts: list[Message] = []
 
     def seal(self, seq: int, kind: str = "telemetry", body: dict[str, Any] | None = None) -> bytes:
         return seal(Message(self.id, seq, now_ms(), kind, BODY if body is None else body), self.signer)
@@ -94,6 +95,9 @@ class Device:
             assert isinstance(payload, bytes)
             receipt = verify_downlink(message.topic.value, payload, self.id, self.registry)
             assert receipt.sender == "gateway"
+            if receipt.kind == "alert":
+                self.alerts.append(receipt)
+                continue
             assert receipt.body["type"] == "receipt"
             self.receipts.append(receipt)
             for lo, hi in parse_ranges(receipt.body["ranges"]):

@@ -196,7 +196,7 @@ def test_picture_features_are_geojson(fleet: Fleet) -> None:
     assert layers == {"unit", "incident"}
     unit = next(f for f in features if f["properties"]["id"] == "off-b")
     assert unit["geometry"]["type"] == "Point"
-    lon, lat = unit["geometry"]["coordinates"]
+    _lon, lat = unit["geometry"]["coordinates"]
     assert abs(lat - at(300)["lat"]) < 1e-4
 
 
