@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from aiomqtt import MqttError
 
 from certs.pki import Pki, PkiError
@@ -48,6 +49,7 @@ from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
 from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.settings import AgentSettings
+from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
 from edge_agent.wire.ids import Role
 from firmware_sim.city import City, project_to_segment
@@ -55,7 +57,7 @@ from firmware_sim.clock import SimClock, SkewedClock
 from firmware_sim.faults import Capture, CutProxy, ForgeableSigner, garbage_payloads, publish_raw, uplink
 from firmware_sim.kit import Kit, build_kit
 from firmware_sim.models import gunshot
-from firmware_sim.scenario import Incident, Scenario, SensorSpec, UnitSpec, derive_seed
+from firmware_sim.scenario import Incident, Scenario, SensorSpec, UnitSpec, derive_seed, hotlist_data, registry_data
 from firmware_sim.summary import (
     DeviceReport,
     FaultRecord,
@@ -71,6 +73,9 @@ from firmware_sim.truth import TruthLog
 
 log = logging.getLogger(__name__)
 
+#: The gateway's unit registry for the run's devices (`bluelight gateway run --registry`).
+REGISTRY_FILE = "registry.yaml"
+HOTLIST_FILE = "hotlist.yaml"
 #: The identity the simulator uses to read the gateway's API.
 OPERATOR_ID = "sim-operator"
 #: File descriptors per device: its socket, the outbox, its WAL and shared-memory files.
@@ -128,14 +133,44 @@ def sim_clock(speed: float, duration_s: float, *, forever: bool = False, ahead_s
     return SimClock(speed, start_ms=time.time_ns() // 1_000_000 - round(lead_s * 1000))
 
 
+def write_gateway_files(scenario: Scenario, run_dir: Path) -> None:
+    """Write the gateway's unit registry (kinds, capabilities, supervisors, sensor sites)
+    and ANPR hotlist for this scenario into `run_dir`."""
+    head = f"# Written by the simulator for scenario {scenario.name}.\n"
+    expires = time.time_ns() // 1_000_000 + 30 * 86_400_000
+    for name, data in ((REGISTRY_FILE, registry_data(scenario)),
+                       (HOTLIST_FILE, hotlist_data(scenario, expires_ts=expires))):
+        (run_dir / name).write_text(head + yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
 class SimAgent(Agent):
     """The real agent, plus a note of each event it commits (type, seq, sim time)."""
 
-    def __init__(self, *args: Any, sim_clock: SimClock, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, sim_clock: SimClock, answer_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sim_clock = sim_clock
         self.first_seq = self.outbox.next_seq
         self.events: list[tuple[str, int, float]] = []
+        #: (alert_id, answer, sim seconds) of every answer given.
+        self.answers: list[tuple[str, str, float]] = []
+        self.on_alert = self._officer_answers
+        self._answer_rng = random.Random(answer_seed)
+        self._answering: list[asyncio.TimerHandle] = []
+
+    def _officer_answers(self, message: Message) -> None:
+        """The simulated officer accepts an alert after reading it (2-8 s, sim time)."""
+        delay_s = self.sim_clock.real_s(self._answer_rng.uniform(2.0, 8.0))
+        alert_id = str(message.body["alert_id"])
+        self._answering.append(asyncio.get_running_loop().call_later(delay_s, self._accept, alert_id))
+
+    def _accept(self, alert_id: str) -> None:
+        if self.answer(alert_id, "accepted") is not None:
+            self.answers.append((alert_id, "accepted", self.sim_clock.elapsed_s()))
+
+    def close(self) -> None:
+        for handle in self._answering:
+            handle.cancel()
+        super().close()
 
     def emit(self, reading: Reading) -> int | None:
         seq = super().emit(reading)
@@ -469,6 +504,7 @@ class Fleet:
             tls_context=client_context(self.pki, self.pki.require_identity(spec.id)),
             keys=self._keys,
             sim_clock=self.clock,
+            answer_seed=derive_seed(spec.seed, "answers"),
         )
         device = SimDevice(spec, agent, kit, signer, clock, proxy, power)
         replay = next((f for f in self.scenario.faults if f.type == "replay" and f.unit == spec.id), None)
@@ -486,6 +522,7 @@ class Fleet:
         api = GatewayApi(options.gateway_api, self.pki, OPERATOR_ID) if options.gateway_api else None
         _raise_fd_limit(scenario.devices * FDS_PER_DEVICE + 256)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_gateway_files(scenario, self.run_dir)
         self._keys = KeyRegistry(self.pki)
         self.routes = await asyncio.to_thread(unit_routes, scenario)
         before, gateway_error = await self._gateway_stats(api)

@@ -51,7 +51,8 @@ TOP_KEYS = (
     "incidents", "faults",
 )
 _GROUP_KEYS = {
-    "units": ("type", "id", "count", "route", "patrol_m", "start", "speed_mps", "rate_hz", "shift"),
+    "units": ("type", "id", "count", "route", "patrol_m", "start", "speed_mps", "rate_hz", "shift", "capabilities",
+              "supervisors"),
     "sensors": ("type", "id", "count", "at", "heading", "clock_error_ms", "range_m", "misread_rate"),
 }
 INCIDENT_KEYS = ("at", "type", "unit", "place", "plate", "route", "speed_mps", "decel_g", "on")
@@ -402,6 +403,9 @@ class UnitSpec:
     seed: int
     line: int
     group: str
+    #: What the unit can do (armed, dog, traffic, first_aid, ...), for the gateway's registry.
+    capabilities: tuple[str, ...] = ()
+    supervisor: bool = False
 
 
 @dataclass(frozen=True)
@@ -780,16 +784,47 @@ def _expand_unit(
         raise f.where("patrol_m").fail("give either 'route' or 'patrol_m', not both")
     start = f.get("start", places.resolve)
     shift_start, shift_end = f.get("shift", _shift, (0.0, None))
+    capabilities = f.get("capabilities", _capabilities, ())
+    ids = g.ids(count)
+    supervisors = f.get("supervisors", _number(0, len(ids), integer=True), 0)
     f.done(["count"])
     label = f"units[{g.index}]"
     return [
         UnitSpec(
             id=ident, type=kind, speed_mps=speed, rate_hz=rate, route=route, patrol_m=patrol, start=start,
             shift_start_s=shift_start, shift_end_s=shift_end, seed=derive_seed(seed, "unit", ident),
-            line=f.map.line, group=label,
+            line=f.map.line, group=label, capabilities=capabilities, supervisor=i < supervisors,
         )
-        for ident in g.ids(count)
+        for i, ident in enumerate(ids)
     ]
+
+
+def _capabilities(value: Any, at: _At) -> tuple[str, ...]:
+    items = _list(value, at)
+    out = []
+    for i, item in enumerate(items):
+        if not isinstance(item, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", item):
+            raise at.item(items, i).fail(f"must be a capability name like 'armed' or 'first_aid', got {item!r}")
+        out.append(item)
+    return tuple(out)
+
+
+def registry_data(scenario: Scenario) -> dict[str, Any]:
+    """The gateway's unit registry for this scenario's devices (`registry_path`):
+    officers and vehicles with their capabilities, sensors with their sites."""
+    units = [
+        {"id": u.id, "kind": u.type, "capabilities": list(u.capabilities), "supervisor": u.supervisor}
+        for u in scenario.units if u.type in ("officer", "vehicle")
+    ]
+    sensors = [{"id": s.id, "kind": s.type, "lat": s.site[0], "lon": s.site[1]} for s in scenario.sensors]
+    return {"units": units, "sensors": sensors}
+
+
+def hotlist_data(scenario: Scenario, *, expires_ts: int) -> dict[str, Any]:
+    """The gateway's ANPR hotlist (`hotlist_path`): the scenario's hotlisted vehicles."""
+    plates = sorted({i.plate for i in scenario.incidents if i.type == "hotlist_vehicle" and i.plate})
+    return {"hotlist": [{"plate": p, "reason": f"scenario {scenario.name}: vehicle of interest",
+                         "expires_ts": expires_ts, "markers": ["stolen"]} for p in plates]}
 
 
 def _expand_sensor(g: _Group, count: int | None, places: Places, seed: int, city: City) -> list[SensorSpec]:

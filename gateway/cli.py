@@ -26,6 +26,14 @@ def gateway() -> None:
 @click.option("--http-host", help="Address the HTTPS API listens on (default 127.0.0.1).")
 @click.option("--http-port", type=int, help="Port of the HTTPS API (default 8443; 0 picks a free one).")
 @click.option("--gateway-id", help=f"The gateway's identity in the PKI (default {DEFAULT_GATEWAY_ID}).")
+@click.option("--policy", "policy_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Next-best-action policy (YAML; default: the built-in policy).")
+@click.option("--registry", "registry_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Units, capabilities, sensor sites and geofences (YAML).")
+@click.option("--map", "map_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Street graph (GeoJSON) for arrival times (default: straight lines).")
+@click.option("--hotlist", "hotlist_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="ANPR hotlist (YAML).")
 def run(
     *,
     config: Path | None,
@@ -35,6 +43,10 @@ def run(
     http_host: str | None,
     http_port: int | None,
     gateway_id: str | None,
+    policy_path: Path | None,
+    registry_path: Path | None,
+    map_path: Path | None,
+    hotlist_path: Path | None,
 ) -> None:
     """Run the gateway until Ctrl-C: ingest, store, receipts and the HTTPS API.
 
@@ -49,6 +61,8 @@ def run(
         overrides={
             "pki_dir": pki_dir, "broker": broker, "db_path": db_path,
             "http_host": http_host, "http_port": http_port, "gateway_id": gateway_id,
+            "policy_path": policy_path, "registry_path": registry_path, "map_path": map_path,
+            "hotlist_path": hotlist_path,
         },
     )
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.5
 AUDIT_FLUSH_S = 0.1
+RELOAD_S = 2.0
 
 
 class SituationError(BluelightError):
@@ -113,6 +114,33 @@ def _read_yaml(path: Path, what: str) -> Any:
         raise SituationError(f"the {what} {path} is not valid YAML: {exc}") from None
 
 
+def load_registry(path: Path | None) -> Registry:
+    if path is None:
+        return Registry()
+    try:
+        return Registry.from_data(_read_yaml(path, "registry"), str(path))
+    except RegistryError as exc:
+        raise SituationError(str(exc)) from None
+
+
+def load_hotlist(path: Path | None) -> Hotlist:
+    if path is None:
+        return Hotlist([])
+    data = _read_yaml(path, "hotlist")
+    records = data.get("hotlist") if isinstance(data, dict) else data
+    try:
+        return Hotlist.from_records(records or [])
+    except (HotlistError, TypeError, ValueError) as exc:
+        raise SituationError(f"{path}: {exc}") from None
+
+
+def _mtime(path: Path | None) -> float | None:
+    try:
+        return path.stat().st_mtime if path is not None else None
+    except OSError:
+        return None
+
+
 def load_inputs(settings: GatewaySettings) -> tuple[Policy, Registry, EtaModel, Hotlist]:
     """Policy, registry, street map and hotlist from the settings' files, validated;
     one `SituationError` naming the file and the mistake otherwise."""
@@ -122,12 +150,7 @@ def load_inputs(settings: GatewaySettings) -> tuple[Policy, Registry, EtaModel, 
         raise SituationError(str(exc)) from None
     except OSError as exc:
         raise SituationError(f"cannot read the policy {settings.policy_path}: {exc.strerror}") from None
-    registry = Registry()
-    if settings.registry_path is not None:
-        try:
-            registry = Registry.from_data(_read_yaml(settings.registry_path, "registry"), str(settings.registry_path))
-        except RegistryError as exc:
-            raise SituationError(str(exc)) from None
+    registry = load_registry(settings.registry_path)
     eta: EtaModel = StraightLineEta(policy.speeds, detour=policy.straight_line_detour)
     if settings.map_path is not None:
         try:
@@ -137,15 +160,7 @@ def load_inputs(settings: GatewaySettings) -> tuple[Policy, Registry, EtaModel, 
         except (orjson.JSONDecodeError, StreetsError, ValueError) as exc:
             raise SituationError(f"the map {settings.map_path} is not a street GeoJSON: {exc}") from None
         eta = StreetEta(graph, policy.speeds)
-    hotlist = Hotlist([])
-    if settings.hotlist_path is not None:
-        data = _read_yaml(settings.hotlist_path, "hotlist")
-        records = data.get("hotlist") if isinstance(data, dict) else data
-        try:
-            hotlist = Hotlist.from_records(records or [])
-        except (HotlistError, TypeError, ValueError) as exc:
-            raise SituationError(f"{settings.hotlist_path}: {exc}") from None
-    return policy, registry, eta, hotlist
+    return policy, registry, eta, load_hotlist(settings.hotlist_path)
 
 
 class SituationService:
@@ -170,6 +185,36 @@ class SituationService:
         self._sends: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._send_ready = asyncio.Event()
         self._audit_pending: list[AuditRecord] = []
+        self._watched: dict[str, tuple[Path, float | None]] = {}
+
+    def watch(self, registry_path: Path | None, hotlist_path: Path | None) -> None:
+        """Re-read these files when they change (checked every `RELOAD_S`)."""
+        for name, path in (("registry", registry_path), ("hotlist", hotlist_path)):
+            if path is not None:
+                self._watched[name] = (path, _mtime(path))
+
+    def reload_changed(self) -> None:
+        """Apply a changed registry or hotlist; a bad file is logged and the old one kept."""
+        now = self._clock_ms()
+        for name, (path, seen) in list(self._watched.items()):
+            mtime = _mtime(path)
+            if mtime is None or mtime == seen:
+                continue
+            self._watched[name] = (path, mtime)
+            picture = self.situation.picture
+            try:
+                if name == "registry":
+                    self.hub.publish(picture.set_registry(load_registry(path), now).deltas)
+                    size = len(picture.registry.units)
+                else:
+                    picture.hotlist = load_hotlist(path)
+                    size = len(picture.hotlist)
+            except SituationError as exc:
+                self.counts[f"{name}_reload_failed"] += 1
+                log.warning("%s not reloaded, keeping the previous one: %s", name, exc)
+                continue
+            self._audit_pending.append(AuditRecord(f"{name}.loaded", "gateway", str(path), {"entries": size}, now))
+            log.info("%s reloaded from %s: %d entries", name, path, size)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, downlink: Downlink, audit: AuditLog) -> SituationService:
@@ -177,6 +222,7 @@ class SituationService:
         prefix = time.strftime("INC%y%m%d%H%M", time.gmtime())
         picture = Picture(registry, hotlist=hotlist, config=PictureConfig(), incident_prefix=prefix)
         service = cls(Situation(picture, policy, eta), downlink, audit, tick_s=settings.tick_ms / 1000)
+        service.watch(settings.registry_path, settings.hotlist_path)
         path = settings.policy_path
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "built-in"
         service._audit_pending.append(AuditRecord(
@@ -270,9 +316,14 @@ class SituationService:
             tg.create_task(self._audit_loop(), name="situation-audit")
 
     async def _tick_loop(self) -> None:
+        next_reload = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.tick_s)
             self.take(self.situation.tick(self._clock_ms()))
+            if loop.time() >= next_reload:
+                self.reload_changed()
+                next_reload = loop.time() + RELOAD_S
 
     async def _send_loop(self) -> None:
         while True:

@@ -390,6 +390,26 @@ class Picture:
             self.incidents[incident_id].status = "assigned"
         return self._unit_delta(unit, now_ms)
 
+    def set_registry(self, registry: Registry, now_ms: int) -> Update:
+        """A changed registry (units' kinds and capabilities, sensor sites, zones)."""
+        self.registry = registry
+        self.geofences = GeofenceMonitor(registry.zones)
+        for site in registry.sites.values():
+            sensor = self.sensors.get(site.id)
+            if sensor is None:
+                self.sensors[site.id] = Sensor(site.id, site.kind, site.lat, site.lon)
+            else:
+                sensor.kind, sensor.lat, sensor.lon = site.kind, site.lat, site.lon
+        update = Update()
+        for unit in self.units.values():
+            unit.info = registry.get(unit.id)
+            update.deltas.append(self._unit_delta(unit, now_ms))
+        for unit_id in [u.id for u in self.units.values() if u.info is not None and u.info.kind in SENSOR_KINDS]:
+            del self.units[unit_id]
+            update.deltas.append(Delta("units", unit_id, "remove", None))
+        update.deltas += [self._sensor_delta(s) for s in self.sensors.values()]
+        return update
+
     # -- output ------------------------------------------------------------------------------
 
     def unit_views(self, now_ms: int) -> list[UnitView]:

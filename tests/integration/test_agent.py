@@ -402,3 +402,29 @@ def test_cli_bad_input_is_one_line(pki: Pki, tmp_path: Path) -> None:
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1, result.stderr
         assert hint in lines[0]
+
+
+async def test_a_signed_alert_gets_one_delivery_ack_and_the_officers_answer(
+    pki: Pki, issue: Any, broker: MosquittoProcess, tmp_path: Path, keys: KeyRegistry, gw_signer: KeySigner
+) -> None:
+    device = fresh_device(issue)
+    agent = Agent(settings_for(pki, device, broker, tmp_path))
+    shown: list[Message] = []
+    agent.on_alert = shown.append  # what the officer app does: show it
+    body = {"alert_id": "inc-1-a1", "incident_id": "inc-1", "action": "Attend", "lat": 51.5, "lon": -0.12,
+            "reasons": ["nearest"], "expires_ts": int(time.time() * 1000) + 60_000}
+    alert = seal(Message("gateway", 7, int(time.time() * 1000), "alert", body), gw_signer)
+    other = serialization.load_pem_private_key(pki.identity("dev-a").key.read_bytes(), password=None)
+    forger = KeySigner("gateway", other)  # type: ignore[arg-type]  # someone else's key, the gateway's kid
+    forged = seal(Message("gateway", 8, int(time.time() * 1000), "alert", body), forger)
+    async with gateway(pki, broker, f"bl/v1/{device}/up/ack") as gw, running(agent):
+        await eventually(agent.link.connected.is_set, what="the agent online")
+        for data in (alert, alert, forged):  # a redelivery and a forgery
+            await gw.publish(str(Topic.down(device, "alert")), data, qos=1)
+        [received] = await receive(gw, keys, until=lambda g: len(g) >= 1)
+        assert received.message.body == {"alert_id": "inc-1-a1", "answer": "received"}
+        await eventually(lambda: agent.link.stats.downlink_rejected.total() == 1, what="the forgery rejected")
+        assert [m.body["alert_id"] for m in shown] == ["inc-1-a1"]  # shown once
+        agent.answer("inc-1-a1", "accepted")
+        [answer] = await receive(gw, keys, until=lambda g: len(g) >= 1)
+        assert answer.message.body == {"alert_id": "inc-1-a1", "answer": "accepted"}
