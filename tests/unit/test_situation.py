@@ -210,3 +210,47 @@ def test_registry_errors_name_the_entry() -> None:
                                                                                   [51.51, -0.11]]}]})
     assert reg.get("a") == UnitInfo("a", "vehicle", capabilities=frozenset({"armed"}))
     assert reg.zones[0].zone_id == "z"
+
+
+def walk(f: Fleet, unit: str, start: float, end: float, t: int, step_m: float = 5.0) -> int:
+    """Fixes every second from `start` to `end` metres north; returns the time after."""
+    n = max(1, round(abs(end - start) / step_m))
+    for i in range(n + 1):
+        f.send(unit, "telemetry", {**at(start + (end - start) * i / n), "speed": step_m,
+                                   "heading": 0.0 if end >= start else 180.0}, t)
+        t += 1000
+    return t
+
+
+def test_a_coverage_gap_moves_a_spare_unit_and_closes_when_restored() -> None:
+    corners = [offset(CENTRE, n, e) for n, e in ((-100, -100), (-100, 100), (50, 100), (50, -100))]
+    zone = {"id": "station-square", "rule": "coverage", "min_units": 1, "points": [list(p) for p in corners]}
+    registry = Registry.from_data({"units": [{"id": u, "kind": "officer"} for u in ("cov-a", "cov-b")],
+                                   "zones": [zone]})
+    situation = Situation(Picture(registry), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0, {"cov-a": 0, "cov-b": 500})  # cov-a inside the square
+    assert situation.tick(T0 + 3000).sends == []
+    t = walk(f, "cov-a", 0, 300, T0 + 4000)  # it walks out
+    out = situation.tick(t)
+    [gap] = [i for i in situation.picture.incidents.values() if i.type == "coverage_gap"]
+    assert gap.detail["zone"] == "station-square"
+    assert len(out.sends) == 1
+    t = walk(f, "cov-b", 500, 0, t)  # another comes into the square
+    situation.tick(t)
+    assert gap.status == "closed"
+
+
+def test_a_monitored_person_entering_an_exclusion_zone_is_a_breach() -> None:
+    corners = [offset(CENTRE, n, e) for n, e in ((900, -100), (900, 100), (1100, 100), (1100, -100))]
+    zone = {"id": "victim-home", "rule": "exclusion", "monitored": ["tag-7"], "points": [list(p) for p in corners]}
+    registry = Registry.from_data({"units": [{"id": "off-z", "kind": "officer"}], "zones": [zone]})
+    situation = Situation(Picture(registry), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0, {"off-z": 0})
+    walk(f, "tag-7", 700, 1000, T0 + 2000)
+    [breach] = situation.picture.incidents.values()
+    assert (breach.type, breach.subject, breach.detail["zone"]) == ("geofence_breach", "tag-7", "victim-home")
+    assert situation.alerts.alerts_for(breach.id)[0].unit_id == "off-z"
+    walk(f, "tag-7", 1000, 1050, T0 + 60_000)
+    assert len(situation.picture.incidents) == 1  # reported once, not every fix
