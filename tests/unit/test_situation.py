@@ -3,10 +3,13 @@ incidents, alerts, unit states and audit records out, on an injected clock."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
 from edge_agent.wire.geo import offset
@@ -81,8 +84,10 @@ def test_a_panic_alerts_the_two_nearest_available_and_a_supervisor(fleet: Fleet)
     # by arrival time: off-b walks 200 m (~144 s); car-1 drives 1,400 m (~165 s) and beats off-c on foot
     assert {(s.unit_id, s.role) for s in out.sends} == {("off-b", "responder"), ("car-1", "responder"),
                                                           ("sgt-1", "supervisor")}
+    schema = json.loads((Path(__file__).parents[2] / "docs/schemas/alert.json").read_text())
     for send in out.sends:
         validate_body("alert", send.body)
+        jsonschema.validate(send.body, schema)
         assert send.reasons
     actions = [r.action for r in out.audit]
     assert actions[:2] == ["incident.opened", "decision.made"]
