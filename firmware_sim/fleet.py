@@ -158,14 +158,21 @@ class SimAgent(Agent):
         self._answering: list[asyncio.TimerHandle] = []
 
     def _officer_answers(self, message: Message) -> None:
-        """The simulated officer accepts an alert after reading it (2-8 s, sim time)."""
-        delay_s = self.sim_clock.real_s(self._answer_rng.uniform(2.0, 8.0))
+        """The simulated officer accepts an alert after reading it (2-8 s, sim time),
+        says `arrived` 1-3 minutes later and is available again after 2-5 more."""
         alert_id = str(message.body["alert_id"])
-        self._answering.append(asyncio.get_running_loop().call_later(delay_s, self._accept, alert_id))
+        rng, loop = self._answer_rng, asyncio.get_running_loop()
+        accept = rng.uniform(2.0, 8.0)
+        arrive = accept + rng.uniform(60.0, 180.0)
+        clear = arrive + rng.uniform(120.0, 300.0)
+        for at_s, answer in ((accept, "accepted"), (arrive, "arrived"), (clear, None)):
+            self._answering.append(loop.call_later(self.sim_clock.real_s(at_s), self._answer, alert_id, answer))
 
-    def _accept(self, alert_id: str) -> None:
-        if self.answer(alert_id, "accepted") is not None:
-            self.answers.append((alert_id, "accepted", self.sim_clock.elapsed_s()))
+    def _answer(self, alert_id: str, answer: str | None) -> None:
+        if answer is None:
+            self.emit(Reading("status", {"state": "available"}))
+        elif self.answer(alert_id, answer) is not None:
+            self.answers.append((alert_id, answer, self.sim_clock.elapsed_s()))
 
     def close(self) -> None:
         for handle in self._answering:

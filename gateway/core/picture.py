@@ -31,7 +31,7 @@ from gateway.core.anpr import Hotlist, PlateSightings, Sighting
 from gateway.core.decide import IncidentView, UnitView
 from gateway.core.geofence import GeofenceEvent, GeofenceMonitor, Polygon, Zone
 from gateway.core.multilat import Detection, MultilatError, locate
-from gateway.core.track import BadFix, Track
+from gateway.core.track import BadFix, Track, TrackEstimate
 
 UNIT_KINDS = frozenset({"officer", "vehicle"})
 SENSOR_KINDS = frozenset({"acoustic", "anpr", "sensor"})
@@ -40,6 +40,8 @@ STATES = frozenset({"available", "committed", "at_scene", "off_duty", "unknown"}
 UNIT_ALARMS = frozenset({"panic", "man_down", "crash"})
 #: Alarms of one subject merged into one incident (an officer down is one incident).
 OFFICER_DOWN = frozenset({"panic", "man_down"})
+#: Receive-time offsets kept per unit to estimate its clock offset.
+OFFSET_SAMPLES = 32
 #: Events remembered (device, seq) to ignore a redelivered one.
 SEEN_EVENTS = 10_000
 
@@ -150,6 +152,8 @@ class StoredMessage(Protocol):
     @property
     def ts(self) -> int: ...
     @property
+    def recv_ms(self) -> int: ...
+    @property
     def body(self) -> Mapping[str, Any]: ...
 
 
@@ -180,10 +184,20 @@ class Unit:
     incident_id: str | None = None
     last_seen_ms: int = 0
     battery: float | None = None
+    #: Recent (gateway receive time - device time), ms: the smallest is the device
+    #: clock's offset (network delay only adds), so a late, queued message does not
+    #: make an old position look fresh.
+    offsets: deque[int] = field(default_factory=lambda: deque(maxlen=OFFSET_SAMPLES))
 
     @property
     def kind(self) -> str:
         return self.info.kind if self.info is not None else "unknown"
+
+    def estimate(self, now_ms: int) -> TrackEstimate:
+        """The track at gateway time `now_ms`, on the device's clock (tracks run on
+        device time; an accelerated simulation's clocks run fast)."""
+        offset = min(self.offsets) if self.offsets else 0
+        return self.track.estimate(now_ms - offset)
 
 
 @dataclass
@@ -314,6 +328,7 @@ class Picture:
             return self._sensor_message(device_id, kind, ts_ms, body, now_ms)
         unit = self._unit(device_id)
         unit.last_seen_ms = max(unit.last_seen_ms, now_ms)
+        unit.offsets.append(message.recv_ms - ts_ms)
         update = Update()
         if "lat" in body and "lon" in body and kind in ("telemetry", "event"):
             self._fix(unit, ts_ms, body, update)
@@ -342,18 +357,19 @@ class Picture:
                 inc = self._open("gunshot", first.lat, first.lon, first.t_ns // 1_000_000, now_ms,
                                  uncertainty_m=self.config.unlocated_shot_radius_m,
                                  detail={"located": False, "sensors": sorted(shot.detections)})
+                shot.incident_id = inc.id
                 update.new_incidents.append(inc.id)
                 update.deltas.append(self._incident_delta(inc))
             if now_ms - shot.first_ms > self.config.shot_spread_ms:
                 self._shots.remove(shot)
         available = {u.id: (e.lat, e.lon) for u in self.units.values()
-                     if u.state == "available" and u.track.started and not (e := u.track.estimate(now_ms)).stale}
+                     if u.state == "available" and u.track.started and not (e := u.estimate(now_ms)).stale}
         for event in self.geofences.coverage(available, now_ms):
             update.extend(self._geofence(event, now_ms))
         for unit in self.units.values():
             if unit.state == "committed" and unit.incident_id in self.incidents and unit.track.started:
                 inc = self.incidents[unit.incident_id]
-                est = unit.track.estimate(now_ms)
+                est = unit.estimate(now_ms)
                 if distance_m((est.lat, est.lon), (inc.lat, inc.lon)) <= self.config.arrive_radius_m:
                     unit.state = "at_scene"
                     update.deltas.append(self._unit_delta(unit, now_ms))
@@ -418,7 +434,7 @@ class Picture:
         for unit in self.units.values():
             if unit.info is None or unit.info.kind not in UNIT_KINDS or not unit.track.started:
                 continue
-            est = unit.track.estimate(now_ms)
+            est = unit.estimate(now_ms)
             state = unit.state if unit.online is not False else "unknown"
             out.append(UnitView(
                 unit.id, unit.info.kind, est.lat, est.lon, state=state, capabilities=unit.info.capabilities,
@@ -468,6 +484,8 @@ class Picture:
         elif state in STATES:
             unit.online = True
             unit.state = str(state)
+            if state in ("available", "off_duty"):
+                unit.incident_id = None  # cleared from its incident
         if isinstance(body.get("battery"), int | float):
             unit.battery = float(body["battery"])
 
@@ -647,7 +665,7 @@ class Picture:
             props["supervisor"] = unit.info.supervisor
         lat = lon = None
         if unit.track.started:
-            est = unit.track.estimate(now_ms)
+            est = unit.estimate(now_ms)
             lat, lon = est.lat, est.lon
             props.update(speed=round(est.speed_mps, 1), heading=None if est.heading_deg is None
                          else round(est.heading_deg), sigma_m=round(est.sigma_m, 1), stale=est.stale)

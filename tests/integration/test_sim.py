@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from click.testing import CliRunner
 
 from bluelight.cli import cli
 from certs.pki import Pki
-from firmware_sim.fleet import FleetOptions, run_fleet
+from firmware_sim.fleet import HOTLIST_FILE, REGISTRY_FILE, FleetOptions, run_fleet, write_gateway_files
 from firmware_sim.scenario import parse_scenario
 from firmware_sim.summary import GatewayApi
 from tests.helpers import MosquittoProcess, free_port, kill_pid, wait_for_port
@@ -41,8 +42,8 @@ agent:
   reconnect_max: 2s
 
 units:
-  - {type: officer, id: sim-officer, count: 6, patrol_m: 1200}
-  - {type: vehicle, id: sim-car, count: 3, patrol_m: 4000}
+  - {type: officer, id: sim-officer, count: 6, patrol_m: 1200, supervisors: 1}
+  - {type: vehicle, id: sim-car, count: 3, patrol_m: 4000, capabilities: [armed, first_aid]}
   - {type: officer, id: sim-shift, patrol_m: 800, shift: {start: 20s, end: 150s}}
 
 sensors:
@@ -78,16 +79,23 @@ faults:
 
 
 class Gateway:
-    """`bluelight gateway run` as a user starts it, stopped by PID."""
+    """`bluelight gateway run` as a user starts it, with the scenario's unit registry
+    and hotlist and the built-in city's streets, stopped by PID."""
 
     def __init__(self, pki: Pki, broker_port: int, tmp: Path) -> None:
         self.db = tmp / "gateway.db"
         self.http_port = free_port()
         self.log = tmp / "gateway.log"
+        run_dir = tmp / "sim"
+        run_dir.mkdir()
+        write_gateway_files(parse_scenario(SCENARIO, "ci-everything.yaml"), run_dir)
+        city = resources.files("firmware_sim").joinpath("data/city.geojson")
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "bluelight", "gateway", "run", "--pki", str(pki.root),
-                 "--broker", f"localhost:{broker_port}", "--db", str(self.db), "--http-port", str(self.http_port)],
+                 "--broker", f"localhost:{broker_port}", "--db", str(self.db), "--http-port", str(self.http_port),
+                 "--registry", str(run_dir / REGISTRY_FILE), "--hotlist", str(run_dir / HOTLIST_FILE),
+                 "--map", str(city)],
                 stdout=log, stderr=subprocess.STDOUT,
             )
         wait_for_port(self.http_port, 30)
@@ -173,6 +181,28 @@ async def test_every_model_and_fault_end_to_end(
         assert devices[ident]["missing"] == [], (ident, devices[ident])
     revoked = next(r for r in summary.faults if "revoked" in r.label)
     assert "0 succeeded" in revoked.platform, text
+
+    # The situational picture: each incident became one, alerts went out, simulated
+    # officers accepted and their units turned committed; the audit chain verifies.
+    incidents = api.get("/incidents")
+    types = {i["type"] for i in incidents}
+    assert {"panic", "man_down", "gunshot", "anpr_hit", "crash"} <= types, types
+    alerts = api.get("/alerts")
+    accepted = [a for a in alerts if a["state"] in ("accepted", "arrived")]
+    assert accepted, alerts
+    panic = next(i for i in incidents if i["type"] == "panic")
+    assert panic["subject"] == "sim-officer-002"
+    assert "sim-officer-002" not in {a["unit_id"] for a in panic["alerts"]}
+    Path("/tmp/panic.json").write_text(json.dumps([panic, api.get("/picture")], indent=1))
+    assert any(a["role"] == "supervisor" for a in panic["alerts"]), panic
+    gunshot = next(i for i in incidents if i["type"] == "gunshot")
+    assert any(a["unit_id"].startswith("sim-car") for a in gunshot["alerts"]), gunshot  # the armed cars
+    units = {f["properties"]["id"]: f["properties"] for f in api.get("/picture")["features"]
+             if f["properties"]["layer"] == "unit"}
+    assert any(u["state"] in ("committed", "at_scene") for u in units.values()), units
+    audit = CliRunner().invoke(cli, ["audit", "verify", str(gateway.db), "--pki", str(pki.root)])
+    assert audit.exit_code == 0, audit.output
+    assert audit.output.startswith("ok: ")
 
     # Ground truth was written: the run, every incident and every fault.
     records = [json.loads(line) for line in truth.read_text().splitlines()]

@@ -31,6 +31,11 @@ class Msg:
     kind: str
     ts: int
     body: Mapping[str, Any]
+    recv_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.recv_ms:
+            object.__setattr__(self, "recv_ms", self.ts)
 
 
 def at(north_m: float, east_m: float = 0.0) -> dict[str, float]:
@@ -259,3 +264,16 @@ def test_a_monitored_person_entering_an_exclusion_zone_is_a_breach() -> None:
     assert situation.alerts.alerts_for(breach.id)[0].unit_id == "off-z"
     walk(f, "tag-7", 1000, 1050, T0 + 60_000)
     assert len(situation.picture.incidents) == 1  # reported once, not every fix
+
+
+def test_units_whose_clocks_run_behind_are_still_dispatched() -> None:
+    """Device time 10 minutes behind the gateway's (a skewed clock, or a simulation that
+    keeps device clocks behind): positions are aged on the device's own clock."""
+    behind = 600_000
+    situation = Situation(Picture(REGISTRY), default_policy(), StraightLineEta())
+    for i, (unit, north) in enumerate(PLACES.items()):
+        situation.observe([Msg(unit, 1, "status", T0, {"state": "available"}, T0 + behind),
+                           Msg(unit, 2, "telemetry", T0 + i, at(north), T0 + behind + i)], T0 + behind + i)
+    out = situation.observe([Msg("off-a", 3, "event", T0 + 10, {"type": "panic", **at(100)}, T0 + behind + 10)],
+                            T0 + behind + 10)
+    assert len(out.sends) == 3
