@@ -247,6 +247,12 @@ class AlertBook:
         """Alerts still waiting for an answer (the control room's 'who has not answered')."""
         return [self.alert(a.alert_id) for a in self._alerts.values() if a.state in AWAITING]
 
+    def forget(self, incident_id: str) -> None:
+        """Drop a closed incident's alerts from memory (they are in the audit log)."""
+        self._incidents.pop(incident_id, None)
+        for alert_id in [a for a, alert in self._alerts.items() if alert.incident_id == incident_id]:
+            del self._alerts[alert_id]
+
     def take_audit(self) -> list[Change]:
         """Every change since the last call, whichever method made it, oldest first."""
         out, self._audit = self._audit, []

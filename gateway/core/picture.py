@@ -171,6 +171,9 @@ class PictureConfig:
     unlocated_shot_radius_m: float = 1_500.0
     #: How far ahead an ANPR hit's predicted position looks.
     anpr_lookahead_ms: int = 60_000
+    #: Closed incidents kept in memory (for the API) this long, and at most this many.
+    keep_closed_ms: int = 3_600_000
+    max_closed: int = 1_000
 
 
 @dataclass
@@ -259,14 +262,22 @@ class Answer:
 
 @dataclass
 class Update:
+    """What changed: `new_incidents` need a decision; `cleared` incidents' last
+    attending unit is available again (the incident can close); `forgotten` closed
+    incidents were dropped from memory."""
+
     deltas: list[Delta] = field(default_factory=list)
     new_incidents: list[str] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
+    cleared: list[str] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
 
     def extend(self, other: Update) -> Update:
         self.deltas += other.deltas
         self.new_incidents += other.new_incidents
         self.answers += other.answers
+        self.cleared += other.cleared
+        self.forgotten += other.forgotten
         return self
 
 
@@ -337,7 +348,7 @@ class Picture:
             if isinstance(battery, int | float):
                 unit.battery = float(battery)
         elif kind == "status":
-            self._status(unit, seq, body)
+            update.cleared += self._status(unit, seq, body)
         elif kind == "ack":
             update.answers.append(Answer(device_id, str(body["alert_id"]), str(body["answer"]),
                                          str(body.get("reason", "")), ts_ms))
@@ -366,6 +377,7 @@ class Picture:
                      if u.state == "available" and u.track.started and not (e := u.estimate(now_ms)).stale}
         for event in self.geofences.coverage(available, now_ms):
             update.extend(self._geofence(event, now_ms))
+        update.forgotten += self._forget_closed(now_ms)
         for unit in self.units.values():
             if unit.state == "committed" and unit.incident_id in self.incidents and unit.track.started:
                 inc = self.incidents[unit.incident_id]
@@ -374,6 +386,16 @@ class Picture:
                     unit.state = "at_scene"
                     update.deltas.append(self._unit_delta(unit, now_ms))
         return update
+
+    def _forget_closed(self, now_ms: int) -> list[str]:
+        """Bound memory: closed incidents are kept `keep_closed_ms`, at most
+        `max_closed` of them (the audit log has the record)."""
+        closed = sorted((i.updated_ms, i.id) for i in self.incidents.values() if i.status == "closed")
+        excess = len(closed) - self.config.max_closed
+        gone = [iid for n, (t, iid) in enumerate(closed) if n < excess or now_ms - t > self.config.keep_closed_ms]
+        for iid in gone:
+            del self.incidents[iid]
+        return gone
 
     def open_incident(
         self, type_: str, lat: float, lon: float, now_ms: int, *, by: str, note: str = "", subject: str | None = None
@@ -470,10 +492,13 @@ class Picture:
         for event in self.geofences.observe(unit.id, float(body["lat"]), float(body["lon"]), ts_ms):
             update.extend(self._geofence(event, ts_ms))
 
-    def _status(self, unit: Unit, seq: int, body: Mapping[str, Any]) -> None:
+    def _status(self, unit: Unit, seq: int, body: Mapping[str, Any]) -> list[str]:
+        """Apply a status; returns the incident it cleared, if the unit was the last one
+        attending it."""
         if seq <= unit.status_seq:
-            return  # an older status arriving late
+            return []  # an older status arriving late
         unit.status_seq = seq
+        held = unit.incident_id
         state = body.get("state")
         if state == "online":
             unit.online = True
@@ -488,6 +513,10 @@ class Picture:
                 unit.incident_id = None  # cleared from its incident
         if isinstance(body.get("battery"), int | float):
             unit.battery = float(body["battery"])
+        if held is None or unit.incident_id == held or held not in self.incidents:
+            return []
+        still = any(u.incident_id == held for u in self.units.values())
+        return [] if still or self.incidents[held].status == "closed" else [held]
 
     def _unit_alarm(self, unit: Unit, seq: int, ts_ms: int, body: Mapping[str, Any], now_ms: int) -> Update:
         type_ = str(body["type"])

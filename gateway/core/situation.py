@@ -95,14 +95,15 @@ class Situation:
         if incident_id not in self.picture.incidents:
             raise KeyError(incident_id)
         out = Output()
-        if any(a.state in (AlertState.SENT, AlertState.DELIVERED, AlertState.ACCEPTED)
-               for a in self.alerts.alerts_for(incident_id)):
+        self._close(incident_id, by, now_ms, reason, out)
+        return out
+
+    def _close(self, incident_id: str, by: str, now_ms: int, reason: str, out: Output) -> None:
+        if self.alerts.alerts_for(incident_id):  # cancel what is open, stop escalating
             self.alerts.override(incident_id, by, now_ms, reason=reason or "closed", cancel=True)
             self._changes(now_ms, out)
-        update = self.picture.close_incident(incident_id, now_ms)
-        out.deltas += update.deltas
+        out.deltas += self.picture.close_incident(incident_id, now_ms).deltas
         out.audit.append(AuditRecord("incident.closed", by, incident_id, {"reason": reason}, now_ms))
-        return out
 
     # -- views -------------------------------------------------------------------------------
 
@@ -141,6 +142,12 @@ class Situation:
             out.audit.append(AuditRecord("decision.made", GATEWAY, incident_id, _decision(rec), now_ms))
             self.alerts.open_incident_alerts(view, rec, rule, now_ms, alternatives_shown=self.policy.alternatives_shown)
             self._changes(now_ms, out)
+        for incident_id in update.cleared:
+            self._close(incident_id, GATEWAY, now_ms, "the last attending unit is available again", out)
+        for incident_id in update.forgotten:
+            self.alerts.forget(incident_id)
+            self.recommendations.pop(incident_id, None)
+            out.deltas.append(Delta("incidents", incident_id, "remove", None))
         for answer in update.answers:
             try:
                 self.alerts.on_ack(answer.unit_id, answer.alert_id, answer.answer, now_ms, reason=answer.reason,

@@ -277,3 +277,21 @@ def test_units_whose_clocks_run_behind_are_still_dispatched() -> None:
     out = situation.observe([Msg("off-a", 3, "event", T0 + 10, {"type": "panic", **at(100)}, T0 + behind + 10)],
                             T0 + behind + 10)
     assert len(out.sends) == 3
+
+
+def test_the_incident_closes_when_its_last_attending_unit_clears(fleet: Fleet) -> None:
+    now = T0 + 5000
+    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, now)
+    incident_id = out.sends[0].incident_id
+    for send in out.sends:
+        fleet.send(send.unit_id, "ack", {"alert_id": send.alert_id, "answer": "accepted"}, now + 1000)
+    attending = [s.unit_id for s in out.sends]
+    for unit in attending[:-1]:
+        fleet.send(unit, "status", {"state": "available"}, now + 60_000)
+    assert fleet.situation.picture.incidents[incident_id].status == "assigned"
+    closed = fleet.send(attending[-1], "status", {"state": "available"}, now + 61_000)
+    assert fleet.situation.picture.incidents[incident_id].status == "closed"
+    assert "incident.closed" in [r.action for r in closed.audit]
+    assert fleet.situation.tick(now + 200_000).sends == []  # nothing escalates on a closed incident
+    fleet.situation.tick(now + 61_000 + 3_600_001)
+    assert incident_id not in fleet.situation.picture.incidents  # forgotten after an hour (audited)
