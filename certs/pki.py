@@ -9,17 +9,33 @@ Layout of a PKI directory (every `*.key` is written 0600)::
     broker.crt    private/broker.key      (server certificate, chain included)
     issued/ID.crt issued/ID.key issued/ID.chain.pem
     index.json    who was issued what, and what is revoked
+    audit.db      the PKI's audit log: every certificate issued, every revocation
 
 An identity's id is its certificate's CN; its role is the OU.
+
+Every certificate issued (`init`'s broker and gateway, `issue`, `sign_csr`) and every
+revocation appends one entry to `audit.db`: the signed hash-chain format of
+`certs.auditchain` in the tables of `certs.auditlog` (the gateway's audit log is the
+same), signed by the issuing CA's key under kid `issuing-ca`, so
+`bluelight audit verify DIR/audit.db --pki DIR` checks it. An entry records who
+(`actor`: given, else the OS user), the identity and the certificate's facts (role,
+serial, validity, SHA-256 fingerprint); never key material. Issuing refuses to go on
+when the log cannot be extended (it was altered), so no certificate goes unrecorded;
+revoking a lost device never waits for the log: it takes effect, then says if it could
+not be recorded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import getpass
+import hashlib
 import ipaddress
 import json
 import os
-from collections.abc import Iterable
+import sqlite3
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,13 +45,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from certs.auditchain import AuditError, AuditRecord
+from certs.auditlog import AuditLog
 from edge_agent.errors import BluelightError
+from edge_agent.wire.envelope import KeySigner
 from edge_agent.wire.ids import InvalidId, Role, check_id
 
 CRL_LIFETIME = dt.timedelta(days=30)
 CA_LIFETIME = dt.timedelta(days=3650)
 DEFAULT_HOSTS = ("localhost", "127.0.0.1")
 DEFAULT_GATEWAY_ID = "gateway"
+#: The kid of the issuing CA's signatures in the PKI's audit log; no identity may take it.
+ISSUING_CA_KID = "issuing-ca"
+AUDIT_DB = "audit.db"
+#: Longest actor name the audit log takes.
+MAX_ACTOR = 256
 
 
 class PkiError(BluelightError):
@@ -44,6 +68,41 @@ class PkiError(BluelightError):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def _ms(t: dt.datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+def os_user() -> str:
+    """Who is running this, as the OS says (`unknown` if it cannot say)."""
+    try:
+        return getpass.getuser() or "unknown"
+    except (OSError, KeyError):  # no login name and no passwd entry (some containers)
+        return "unknown"
+
+
+def check_actor(actor: str | None) -> str:
+    """The audit log's `actor`: the name given (an installer's id, an email), else the OS user."""
+    who = os_user() if actor is None else actor
+    if not 0 < len(who) <= MAX_ACTOR or not who.isprintable():
+        raise PkiError(f"actor must be 1-{MAX_ACTOR} printable characters, got {who!r}")
+    return who
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of the certificate's DER, hex (what `openssl x509 -fingerprint -sha256` shows)."""
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _cert_facts(cert: x509.Certificate) -> dict[str, Any]:
+    """What the audit log keeps of a certificate: public facts only, never key material."""
+    return {
+        "serial": str(cert.serial_number),
+        "not_before": cert.not_valid_before_utc.isoformat(),
+        "not_after": cert.not_valid_after_utc.isoformat(),
+        "fingerprint": fingerprint(cert),
+    }
 
 
 def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
@@ -130,6 +189,11 @@ class Pki:
     def index_path(self) -> Path:
         return self.root / "index.json"
 
+    @property
+    def audit_path(self) -> Path:
+        """The PKI's audit log (see the module docstring)."""
+        return self.root / AUDIT_DB
+
     def identity(self, identity: str) -> Identity:
         base = self.root / "issued" / check_id(identity)
         return Identity(identity, base.with_suffix(".crt"), base.with_suffix(".key"), Path(f"{base}.chain.pem"))
@@ -170,15 +234,44 @@ class Pki:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
+    @contextlib.contextmanager
+    def _recording(self, *, refused: str = "; nothing was issued") -> Iterator[list[AuditRecord]]:
+        """Do something and record it in the PKI's audit log, in one transaction: refuses
+        (`PkiError`, ending with `refused`) before the block runs if the log cannot be
+        extended; nothing is recorded if the block raises. Signed by the issuing CA."""
+        _, key = self._issuer()
+        where = f"the PKI's audit log {self.audit_path}"
+        check = f"check it with 'bluelight audit verify {self.audit_path} --pki {self.root}'"
+        try:
+            with AuditLog.open(self.audit_path, KeySigner(ISSUING_CA_KID, key)) as log, log.appending() as records:
+                yield records
+        except AuditError as exc:
+            raise PkiError(f"{where}: {exc}{refused}") from None
+        except sqlite3.Error as exc:
+            raise PkiError(f"{where} could not be written ({exc}); {check}") from None
+
     # -- operations ----------------------------------------------------------
-    def init(self, *, hosts: Iterable[str] = DEFAULT_HOSTS, gateway_id: str = DEFAULT_GATEWAY_ID) -> None:
-        """Create the root and issuing CAs, an empty CRL, the broker's and gateway's certificates."""
+    def init(
+        self,
+        *,
+        hosts: Iterable[str] = DEFAULT_HOSTS,
+        gateway_id: str = DEFAULT_GATEWAY_ID,
+        actor: str | None = None,
+    ) -> None:
+        """Create the root and issuing CAs, an empty CRL, the broker's and gateway's
+        certificates; the audit log records the CAs (`pki.created`) and both certificates."""
         try:
             check_id(gateway_id)
         except InvalidId as exc:
             raise PkiError(str(exc)) from None
+        _check_issuable(gateway_id)
+        who = check_actor(actor)
         if self.index_path.exists():
             raise PkiError(f"a PKI already exists at {self.root}; use another --dir or delete it first")
+        if self.audit_path.exists():
+            raise PkiError(
+                f"an audit log of an earlier PKI is at {self.audit_path}: keep it elsewhere, then run init again"
+            )
         hosts = tuple(hosts)
         now = _now()
         root_key, issuing_key = new_key(), new_key()
@@ -206,11 +299,19 @@ class Pki:
         _write(self.ca_bundle, _pem(issuing) + _pem(root))
         self._save_index({})
         self.write_crl()
-        broker_key = new_key()
-        broker_cert = self._sign(broker_key.public_key(), "broker", Role.GATEWAY, server_hosts=hosts, record=False)
-        _write(self.broker.key, _key_pem(broker_key), secret=True)
-        _write(self.broker.cert, _pem(broker_cert) + _pem(issuing))
-        self.issue(Role.GATEWAY, gateway_id, server_hosts=hosts)
+        with self._recording() as records:
+            records.append(AuditRecord("pki.created", who, ISSUING_CA_KID, {
+                "root": {"subject": root.subject.rfc4514_string(), **_cert_facts(root)},
+                "issuing": {"subject": issuing.subject.rfc4514_string(), **_cert_facts(issuing)},
+                "os_user": os_user(),
+            }, _ms(now)))
+            broker_key = new_key()
+            broker_cert = self._sign(broker_key.public_key(), "broker", Role.GATEWAY, server_hosts=hosts,
+                                     record=False)
+            _write(self.broker.key, _key_pem(broker_key), secret=True)
+            _write(self.broker.cert, _pem(broker_cert) + _pem(issuing))
+            records.append(_enrolment(who, "broker", Role.GATEWAY, broker_cert, method="generated", hosts=hosts))
+        self.issue(Role.GATEWAY, gateway_id, server_hosts=hosts, actor=who)
 
     def issue(
         self,
@@ -220,22 +321,38 @@ class Pki:
         validity: dt.timedelta = dt.timedelta(days=365),
         not_before: dt.datetime | None = None,
         server_hosts: Iterable[str] = (),
+        actor: str | None = None,
     ) -> Identity:
         """Development and test path: generate a key here and certify it. Devices in
-        the field enrol with `sign_csr` instead, keeping their key."""
+        the field enrol with `sign_csr` instead, keeping their key. Recorded in the
+        audit log as `enrolment` by `actor` (default: the OS user)."""
         self.require()
+        who = check_actor(actor)
         ident = self.identity(identity)
-        key = new_key()
-        cert = self._sign(
-            key.public_key(), identity, role, validity=validity, not_before=not_before, server_hosts=server_hosts
-        )
-        _write(ident.key, _key_pem(key), secret=True)
-        self._write_cert(ident, cert)
+        hosts = tuple(server_hosts)
+        with self._recording() as records:
+            key = new_key()
+            cert = self._sign(
+                key.public_key(), identity, role, validity=validity, not_before=not_before, server_hosts=hosts
+            )
+            _write(ident.key, _key_pem(key), secret=True)
+            self._write_cert(ident, cert)
+            records.append(_enrolment(who, identity, role, cert, method="generated", hosts=hosts))
         return ident
 
-    def sign_csr(self, csr_pem: bytes, role: Role, *, validity: dt.timedelta = dt.timedelta(days=365)) -> bytes:
-        """Enrolment: certify the key in a device's CSR. Returns the certificate chain PEM."""
+    def sign_csr(
+        self,
+        csr_pem: bytes,
+        role: Role,
+        *,
+        validity: dt.timedelta = dt.timedelta(days=365),
+        actor: str | None = None,
+    ) -> bytes:
+        """Enrolment: certify the key in a device's CSR. Returns the certificate chain
+        PEM. Recorded in the audit log as `enrolment` by `actor` (the installer, when
+        known; default: the OS user)."""
         self.require()
+        who = check_actor(actor)
         try:
             csr = x509.load_pem_x509_csr(csr_pem)
         except ValueError:
@@ -246,22 +363,36 @@ class Pki:
         if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, ec.SECP256R1):
             raise PkiError("the CSR must carry a P-256 key")
         identity = id_of_name(csr.subject)
-        cert = self._sign(public_key, identity, role, validity=validity)
         ident = self.identity(identity)
-        self._write_cert(ident, cert)
+        with self._recording() as records:
+            cert = self._sign(public_key, identity, role, validity=validity)
+            self._write_cert(ident, cert)
+            records.append(_enrolment(who, identity, role, cert, method="csr"))
         return ident.chain.read_bytes()
 
-    def revoke(self, identity: str) -> None:
-        """Revoke every certificate issued to `identity` and rewrite the CRL."""
+    def revoke(self, identity: str, *, actor: str | None = None) -> None:
+        """Revoke every certificate issued to `identity` and rewrite the CRL; then record
+        it (`device.revoked`, by `actor`, default the OS user). The revocation stands even
+        if the audit log cannot be written; the `PkiError` then says so."""
         self.require()
+        who = check_actor(actor)
         index = self.index()
         entry = index.get(check_id(identity))
         if entry is None:
             raise PkiError(f"{identity!r} was never issued a certificate in {self.root}")
-        if entry.get("revoked_at") is None:
+        already = entry.get("revoked_at") is not None
+        if not already:
             entry["revoked_at"] = _now().isoformat()
             self._save_index(index)
         self.write_crl()
+        facts = {"role": entry["role"], "serials": list(entry["serials"]), "revoked_at": entry["revoked_at"],
+                 "already_revoked": already, "os_user": os_user()}
+        try:
+            with self._recording(refused="") as records:
+                records.append(AuditRecord("device.revoked", who, identity, facts, _ms(_now())))
+        except PkiError as exc:
+            raise PkiError(f"{identity} is revoked and the CRL rewritten, but the revocation is not recorded: {exc}") \
+                from None
 
     def revoked_ids(self) -> set[str]:
         return {k for k, v in self.index().items() if v.get("revoked_at")}
@@ -304,6 +435,8 @@ class Pki:
         record: bool = True,
     ) -> x509.Certificate:
         check_id(identity)
+        if record:
+            _check_issuable(identity)
         index = self.index()
         previous = index.get(identity)
         if record and previous and previous["role"] != role.value:
@@ -357,6 +490,21 @@ class Pki:
             }
             self._save_index(index)
         return cert
+
+
+def _check_issuable(identity: str) -> None:
+    if identity == ISSUING_CA_KID:
+        raise PkiError(f"{identity!r} names the issuing CA in the audit log; pick another id")
+
+
+def _enrolment(
+    actor: str, identity: str, role: Role, cert: x509.Certificate, *, method: str, hosts: Iterable[str] = ()
+) -> AuditRecord:
+    """The `enrolment` entry for a certificate just issued (`method`: `generated` here or `csr`)."""
+    data: dict[str, Any] = {"role": role.value, **_cert_facts(cert), "method": method, "os_user": os_user()}
+    if hosts:
+        data["hosts"] = list(hosts)
+    return AuditRecord("enrolment", actor, identity, data, _ms(_now()))
 
 
 def id_of_name(name: x509.Name) -> str:

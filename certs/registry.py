@@ -1,5 +1,6 @@
 """Who may sign what: public keys of identities issued by the project's issuing CA,
 checked for chain, validity, role and revocation. Implements `wire.verify.KeyLookup`.
+`audit_keys` says who may sign an audit log: the issuing CA and gateway identities.
 
 Certificates are read from the PKI directory's `issued/` folder on first use and
 cached; the CRL is re-read whenever its file changes (`refresh`), so a revocation takes
@@ -16,7 +17,8 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 
-from certs.pki import Pki, id_of, role_of
+from certs.auditchain import KeyLookup
+from certs.pki import ISSUING_CA_KID, Pki, id_of, role_of
 from edge_agent.wire.envelope import PublicKey
 from edge_agent.wire.errors import Expired, Revoked, UnknownSender, WrongRole
 from edge_agent.wire.ids import InvalidId, Role, check_id
@@ -51,6 +53,11 @@ class KeyRegistry:
         self._crl_mtime = -1.0
         self._issued_mtime = self._dir_mtime()
         self.refresh()
+
+    @property
+    def issuer(self) -> x509.Certificate:
+        """The issuing CA's certificate, which every registered certificate is checked against."""
+        return self._issuer
 
     def _dir_mtime(self) -> float:
         try:
@@ -132,3 +139,27 @@ class KeyRegistry:
         return Registered(
             kid, role, cert.serial_number, cert.not_valid_before_utc, cert.not_valid_after_utc, key, mtime
         )
+
+
+def audit_keys(pki: Pki) -> KeyLookup:
+    """Who may sign an audit log checked against `pki` (`bluelight audit verify --pki`):
+    its issuing CA, as kid `issuing-ca` (the PKI's own log of issuing and revocation,
+    `DIR/audit.db`), and its gateway identities not revoked (a gateway's log). Any
+    other kid raises a `Rejected`. Expiry is not checked: an entry signed while the
+    certificate was valid stays valid."""
+    registry = KeyRegistry(pki)
+    ca_key = registry.issuer.public_key()
+
+    def lookup(kid: str) -> PublicKey:
+        if kid == ISSUING_CA_KID:
+            if not isinstance(ca_key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | mldsa.MLDSA44PublicKey):
+                raise UnknownSender("the issuing CA's key type does not sign audit logs", sender=kid)
+            return ca_key
+        entry = registry.lookup(kid)
+        if entry.role is not Role.GATEWAY:
+            raise WrongRole(f"role {entry.role.value} does not sign the audit log", sender=kid)
+        if registry.is_revoked(kid):
+            raise Revoked("certificate is revoked", sender=kid)
+        return entry.key
+
+    return lookup

@@ -108,24 +108,27 @@ class AuditBroken(click.ClickException):
 
 @click.group()
 def audit() -> None:
-    """The gateway's tamper-evident audit log: verify it, show it."""
+    """The tamper-evident audit logs (the gateway's database, the PKI's audit.db): verify, show."""
 
 
 @audit.command("verify")
 @click.argument("db_path", metavar="DB", type=click.Path(path_type=Path, dir_okay=False))
 @click.option(
     "--pki", "pki_dir", type=click.Path(path_type=Path, file_okay=False),
-    help="PKI directory whose gateway certificates check the signatures (without it: the hash chain only).",
+    help="PKI directory whose issuing CA and gateway certificates check the signatures "
+    "(without it: the hash chain only).",
 )
 def audit_verify(db_path: Path, pki_dir: Path | None) -> None:
-    """Verify the audit log in a gateway database: the hash chain, the head record and,
-    with --pki, every entry's signature.
+    """Verify an audit log: a gateway database, or a PKI's DIR/audit.db (issuing and
+    revocation): the hash chain, the head record and, with --pki, every entry's
+    signature (by the PKI's issuing CA or one of its gateways).
 
     Prints `ok: N entries, head SEQ:HASH` and exits 0, or names the first broken entry
     and exits 3 (1 for bad input)."""
-    from gateway.audit import gateway_keys, verify_db  # noqa: PLC0415 - see `run`
+    from certs.auditlog import verify_db  # noqa: PLC0415 - see `run`
+    from certs.registry import audit_keys  # noqa: PLC0415
 
-    keys = gateway_keys(Pki(pki_dir)) if pki_dir is not None else None
+    keys = audit_keys(Pki(pki_dir)) if pki_dir is not None else None
     report = verify_db(db_path, keys)
     if report.broken is not None:
         raise AuditBroken(report.broken.describe())
@@ -140,8 +143,8 @@ def audit_show(db_path: Path, last: int | None) -> None:
     """Print audit entries in order, one a line:
     `#SEQ TIME ACTION ACTOR -> SUBJECT DATA [KID HASH]` (time in UTC). Shows what is
     stored; `bluelight audit verify` says whether it can be trusted."""
-    from gateway.audit import open_for_reading, read_entries  # noqa: PLC0415 - see `run`
-    from gateway.core.audit import entry_line  # noqa: PLC0415
+    from certs.auditchain import entry_line  # noqa: PLC0415
+    from certs.auditlog import open_for_reading, read_entries  # noqa: PLC0415 - see `run`
 
     conn = open_for_reading(db_path)
     try:

@@ -22,11 +22,11 @@ import signal
 import time
 from collections.abc import Callable
 
+from certs.auditlog import AuditLog
 from certs.signing import load_signer
 from certs.tls import client_context, server_context
 from edge_agent.errors import BluelightError
 from gateway.api import create_app
-from gateway.audit import AuditLog
 from gateway.https import QuietServer, bind, server_config
 from gateway.ingest import Ingest
 from gateway.settings import GatewaySettings

@@ -33,11 +33,11 @@ from typing import Any, Protocol
 import orjson
 import yaml
 
+from certs.auditchain import AuditRecord
+from certs.auditlog import AuditLog
 from edge_agent.errors import BluelightError
-from gateway.audit import AuditLog
 from gateway.core.alerts import AlertError, AlertOut
 from gateway.core.anpr import Hotlist, HotlistError
-from gateway.core.audit import AuditRecord
 from gateway.core.ingest import Accepted
 from gateway.core.picture import Delta, Picture, PictureConfig, Registry, RegistryError
 from gateway.core.policy import Policy, PolicyError, default_policy, load_policy

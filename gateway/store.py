@@ -9,7 +9,7 @@ Tables::
               status_seq (the status message `state`/`online` come from), clock_skew_ms
     counters  name -> count: `accepted`, every rejection reason, `late`, `gaps`, `skewed`
     meta      key -> value: the gateway's own message sequence numbers (receipts)
-    audit, audit_head   the tamper-evident audit log (see gateway.audit); never pruned
+    audit, audit_head   the tamper-evident audit log (see certs.auditlog); never pruned
 
 Retention: `prune` deletes messages past their kind's retention (`Retention`, by
 `recv_ts`, indexed), a chunk of rows per transaction; `devices.pruned_upto` remembers the highest pruned sequence
@@ -34,9 +34,9 @@ from typing import Any
 import orjson
 import sqlite_utils
 
+from certs.auditlog import AuditLog, create_tables
 from edge_agent.errors import BluelightError
 from edge_agent.wire.errors import REASONS, Replayed
-from gateway.audit import AuditLog, create_tables
 from gateway.core import Accepted
 
 #: `missing` lists are cut to this many sequence numbers; `missing_count` is exact.

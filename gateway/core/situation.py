@@ -19,8 +19,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from certs.auditchain import AuditRecord
 from gateway.core.alerts import AlertBook, AlertError, AlertOut, AlertState, Change, RecommendAgain
-from gateway.core.audit import AuditRecord
 from gateway.core.decide import IncidentView, Recommendation, recommend
 from gateway.core.picture import Delta, Picture, StoredMessage, Update, feature
 from gateway.core.policy import Policy

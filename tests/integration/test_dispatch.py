@@ -20,12 +20,13 @@ import pytest
 import websockets
 import yaml
 
+from certs.auditlog import open_for_reading, verify_db
 from certs.pki import Identity, Pki
+from certs.registry import audit_keys
 from certs.tls import client_context
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import offset
 from edge_agent.wire.ids import Role
-from gateway.audit import gateway_keys, open_for_reading, verify_db
 from gateway.service import Gateway
 from tests.helpers import MosquittoProcess
 from tests.integration.test_gateway import Device, device, eventually, running, settings_for
@@ -150,7 +151,7 @@ async def test_panic_to_alert_to_acceptance_with_audit(
         assert refused.status_code == 403
         await gw.situation.flush_audit()
 
-    report = verify_db(settings.db_path, gateway_keys(pki))
+    report = verify_db(settings.db_path, audit_keys(pki))
     assert report.ok, report
     with contextlib.closing(open_for_reading(settings.db_path)) as conn:
         actions = [row[0] for row in conn.execute("SELECT action FROM audit ORDER BY seq")]

@@ -1,4 +1,4 @@
-"""The tamper-evident audit log (`gateway.core.audit`, `gateway.audit`), `bluelight
+"""The tamper-evident audit log (`certs.auditchain`, `certs.auditlog`), `bluelight
 audit`, and retention (`Store.prune`). Each test builds its own PKI and database under
 tmp_path; tampering is done the way an intruder would, with raw SQL on the file."""
 
@@ -19,24 +19,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bluelight.cli import cli
-from certs.pki import Pki, new_key
-from certs.signing import load_signer
-from edge_agent.config import load_section
-from edge_agent.errors import ConfigError
-from edge_agent.wire.envelope import ALG_EDDSA, KeySigner
-from edge_agent.wire.errors import UnknownSender
-from edge_agent.wire.ids import Role
-from gateway.audit import (
-    AuditLog,
-    AuditRecord,
-    decode_row,
-    gateway_keys,
-    read_entries,
-    recorded_head,
-    verify_db,
-)
-from gateway.core import Accepted
-from gateway.core.audit import (
+from certs.auditchain import (
     GENESIS,
     GENESIS_HEAD,
     SIGNATURE_CONTEXT,
@@ -51,6 +34,23 @@ from gateway.core.audit import (
     verify_chain,
     verify_signature,
 )
+from certs.auditlog import (
+    AuditLog,
+    AuditRecord,
+    decode_row,
+    read_entries,
+    recorded_head,
+    verify_db,
+)
+from certs.pki import Pki, new_key
+from certs.registry import audit_keys
+from certs.signing import load_signer
+from edge_agent.config import load_section
+from edge_agent.errors import ConfigError
+from edge_agent.wire.envelope import ALG_EDDSA, KeySigner
+from edge_agent.wire.errors import UnknownSender
+from edge_agent.wire.ids import Role
+from gateway.core import Accepted
 from gateway.settings import GatewaySettings, load_settings
 from gateway.store import DAY_MS, Retention, Store
 
@@ -126,7 +126,7 @@ def _flip_column(path: Path, seq: int, column: str) -> None:
 def test_appended_entries_verify(log: AuditLog, pki: Pki, db_path: Path) -> None:
     appended = _fill(log, 12)
     assert [e.seq for e in appended] == list(range(1, 13))
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.ok, report.broken
     assert report.count == 12
     assert report.head == appended[-1].head == log.head() == recorded_head(log.conn)
@@ -147,7 +147,7 @@ def test_the_format_is_the_documented_one(log: AuditLog, pki: Pki) -> None:
     assert canonical.startswith(bytes([0xA8, 0x62]) + b"ts")  # map(8), shortest key first
     assert first.hash == hashlib.sha256(GENESIS + canonical).digest()
     assert second.hash == hashlib.sha256(first.hash + second.canonical()).digest()
-    key = gateway_keys(pki)("gateway")
+    key = audit_keys(pki)("gateway")
     assert verify_signature(key, first.alg, first.signature, first.hash)
     assert not verify_signature(key, first.alg, first.signature, second.hash)
     assert SIGNATURE_CONTEXT == b"bluelight audit v1\x00"
@@ -240,7 +240,7 @@ def test_a_changed_byte_in_any_field_names_its_entry(
 ) -> None:
     _fill(log, 9)
     _flip_column(db_path, 5, column)
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert report.broken.seq == 5
     assert report.broken.reason in reasons, report.broken
@@ -254,7 +254,7 @@ def test_changed_data_that_is_still_canonical_json_is_a_hash_mismatch(log: Audit
     (text,) = conn.execute("SELECT data FROM audit WHERE seq = 3").fetchone()
     conn.close()
     _tamper(db_path, "UPDATE audit SET data = ? WHERE seq = 3", (text.replace("van-17", "van-18"),))
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (3, "hash")
     assert report.broken.describe() == (
@@ -265,7 +265,7 @@ def test_changed_data_that_is_still_canonical_json_is_a_hash_mismatch(log: Audit
 def test_a_deleted_middle_entry_is_a_gap(log: AuditLog, pki: Pki, db_path: Path) -> None:
     _fill(log, 8)
     _tamper(db_path, "DELETE FROM audit WHERE seq IN (4, 5)")
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (4, "gap")
     assert "entries 4 to 5 are gone; the next is 6" in report.broken.describe()
@@ -276,17 +276,17 @@ def test_renumbered_entries_do_not_verify(log: AuditLog, pki: Pki, db_path: Path
     _tamper(db_path, "UPDATE audit SET seq = seq + 100 WHERE seq = 4")
     _tamper(db_path, "UPDATE audit SET seq = 4 WHERE seq = 5")
     _tamper(db_path, "UPDATE audit SET seq = 5 WHERE seq = 104")
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (4, "hash")
 
 
 def test_entries_out_of_order_are_reported(log: AuditLog, pki: Pki) -> None:
     entries = _fill(log, 5)
-    report = verify_chain([entries[0], entries[1], entries[3], entries[2]], gateway_keys(pki))
+    report = verify_chain([entries[0], entries[1], entries[3], entries[2]], audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (3, "gap")
-    report = verify_chain([entries[0], entries[1], entries[1]], gateway_keys(pki))
+    report = verify_chain([entries[0], entries[1], entries[1]], audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (3, "reordered")
 
@@ -294,7 +294,7 @@ def test_entries_out_of_order_are_reported(log: AuditLog, pki: Pki) -> None:
 def test_a_deleted_tail_shows_through_the_head_record(log: AuditLog, pki: Pki, db_path: Path) -> None:
     _fill(log, 7)
     _tamper(db_path, "DELETE FROM audit WHERE seq >= 6")
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (6, "truncated")
     with pytest.raises(AuditError, match="ends at entry 5 but its head record names 7"):
@@ -304,7 +304,7 @@ def test_a_deleted_tail_shows_through_the_head_record(log: AuditLog, pki: Pki, d
 def test_a_deleted_head_record_is_reported(log: AuditLog, pki: Pki, db_path: Path) -> None:
     _fill(log, 3)
     _tamper(db_path, "DELETE FROM audit_head")
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert report.broken.reason == "head"
 
@@ -316,9 +316,9 @@ def test_a_cut_tail_with_a_rewritten_head_needs_a_head_kept_elsewhere(log: Audit
     kept_elsewhere = entries[-1].head
     _tamper(db_path, "DELETE FROM audit WHERE seq > 4")
     _tamper(db_path, "UPDATE audit_head SET seq = 4, hash = ?", (entries[3].hash,))
-    assert verify_db(db_path, gateway_keys(pki)).ok
+    assert verify_db(db_path, audit_keys(pki)).ok
     conn = sqlite3.connect(db_path)
-    report = verify_chain(read_entries(conn), gateway_keys(pki), head=kept_elsewhere)
+    report = verify_chain(read_entries(conn), audit_keys(pki), head=kept_elsewhere)
     conn.close()
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (5, "truncated")
@@ -329,7 +329,7 @@ def test_an_entry_signed_by_another_key_is_a_bad_signature(log: AuditLog, pki: P
     impostor = AuditLog(log.conn, KeySigner("gateway", new_key()))  # same id, not the certified key
     impostor.append("alert.overridden", "op-9", "alert-2", {"to": "van-99"}, ts=T0 + 9000)
     _fill(log, 2)
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (4, "signature")
     assert report.broken.describe().startswith(f"entry 4 (alert.overridden at {iso_ms(T0 + 9000)}): bad signature")
@@ -340,7 +340,7 @@ def test_an_entry_signed_by_a_device_is_not_trusted(log: AuditLog, pki: Pki, db_
     pki.issue(Role.DEVICE, "van-17")
     _fill(log, 2)
     AuditLog(log.conn, load_signer(pki, "van-17")).append("alert.sent", "van-17", "x", {}, ts=T0)
-    report = verify_db(db_path, gateway_keys(pki))
+    report = verify_db(db_path, audit_keys(pki))
     assert report.broken is not None
     assert (report.broken.seq, report.broken.reason) == (3, "signer")
     assert "role device" in report.broken.detail
@@ -381,7 +381,7 @@ _CHAIN = _chain(5)
 
 
 def _row(entry: AuditEntry) -> list[Any]:
-    """The entry as `gateway.audit` stores it."""
+    """The entry as `certs.auditlog` stores it."""
     return [
         entry.seq, entry.ts, entry.action, entry.actor, entry.subject, data_json(entry.data), entry.kid, entry.alg,
         entry.hash, entry.signature,
@@ -490,7 +490,7 @@ def test_cli_verify_bad_input(tmp_path: Path, pki: Pki) -> None:
     _one_line_error(_run("audit", "verify", str(tmp_path / "nope.db")), "no database at")
     text = tmp_path / "notes.txt"
     text.write_text("not a database at all " * 100)
-    _one_line_error(_run("audit", "verify", str(text)), "is not a gateway database")
+    _one_line_error(_run("audit", "verify", str(text)), "is not an audit database")
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE t (x)").connection.close()
     _one_line_error(_run("audit", "verify", str(other)), "no audit table")

@@ -1,8 +1,15 @@
-"""The audit log's shell: entries in the gateway's SQLite database, appended under one
-transaction each call, read back in order, verified against the gateway's certificate.
-The format, chain and signature are `gateway.core.audit`'s.
+"""The audit log's shell: entries in a SQLite database, appended under one transaction
+each call, read back in order, verified against the signers' certificates. The format,
+chain and signature are `certs.auditchain`'s; which keys may sign is
+`certs.registry.audit_keys`.
 
-Tables (in the same file as `gateway.store`; created by either, idempotently)::
+Two logs use it, in the same format, so `bluelight audit verify` checks either: the
+gateway's (in its database, next to `gateway.store`'s tables, signed by the gateway's
+key) and the PKI's (`DIR/audit.db`: every certificate issued and every revocation,
+signed by the issuing CA's key; see `certs.pki`). It needs no gateway extras (only
+`sqlite3` and `certs.auditchain`), so the PKI tooling can use it on any box.
+
+Tables (created by `AuditLog` or `gateway.store`, idempotently)::
 
     audit       seq INTEGER PRIMARY KEY (1, 2, ...), ts (UTC ms), action, actor, subject,
                 data (JSON: compact, keys sorted), kid, alg, hash (32 bytes), signature
@@ -32,12 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from certs.pki import Pki
-from certs.registry import KeyRegistry
-from edge_agent.wire.envelope import PublicKey, Signer
-from edge_agent.wire.errors import Revoked, WrongRole
-from edge_agent.wire.ids import Role
-from gateway.core.audit import (
+from certs.auditchain import (
     GENESIS_HEAD,
     AuditEntry,
     AuditError,
@@ -50,6 +52,7 @@ from gateway.core.audit import (
     next_entry,
     verify_chain,
 )
+from edge_agent.wire.envelope import Signer
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -82,7 +85,7 @@ def create_tables(conn: sqlite3.Connection) -> None:
 
 
 class AuditLog:
-    """Appends signed entries to the `audit` table of a gateway database."""
+    """Appends signed entries to the `audit` table of a database."""
 
     def __init__(self, conn: sqlite3.Connection, signer: Signer) -> None:
         """`conn` must be in autocommit mode (`isolation_level=None`, as `Store` opens it)."""
@@ -106,7 +109,7 @@ class AuditLog:
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = NORMAL")
         except (OSError, sqlite3.Error) as exc:
-            raise AuditError(f"cannot open the gateway database {path}: {exc}") from None
+            raise AuditError(f"cannot open the audit database {path}: {exc}") from None
         log = cls(conn, signer)
         log._owned = True
         return log
@@ -135,28 +138,47 @@ class AuditLog:
 
     def append_many(self, records: Iterable[AuditRecord]) -> list[AuditEntry]:
         """Record entries in one transaction, in order; all or none are stored."""
-        entries: list[AuditEntry] = []
+        with self._lock, self._transaction():
+            return self._append(self._head_for_append(), records)
+
+    @contextlib.contextmanager
+    def appending(self) -> Iterator[list[AuditRecord]]:
+        """Do something and record it in one transaction: checks first that the log can
+        be extended (`AuditError` if it was altered, before the caller acts), holds the
+        write lock while the block runs, then appends the records the block put in the
+        yielded list. If the block raises, nothing is recorded.
+
+            with log.appending() as records:
+                cert = issue(...)
+                records.append(AuditRecord("enrolment", actor, cert_id, facts, ts))
+        """
         with self._lock, self._transaction():
             head = self._head_for_append()
-            for r in records:
-                try:
-                    entry = next_entry(
-                        head, action=r.action, actor=r.actor, subject=r.subject, data=r.data, ts=r.ts,
-                        signer=self.signer,
-                    )
-                except ValueError as exc:
-                    raise AuditError(f"cannot record {r.action!r}: {exc}") from None
-                self.conn.execute(
-                    _INSERT,
-                    (
-                        entry.seq, entry.ts, entry.action, entry.actor, entry.subject, data_json(entry.data),
-                        entry.kid, entry.alg, entry.hash, entry.signature,
-                    ),
+            records: list[AuditRecord] = []
+            yield records
+            self._append(head, records)
+
+    def _append(self, head: Head, records: Iterable[AuditRecord]) -> list[AuditEntry]:
+        entries: list[AuditEntry] = []
+        for r in records:
+            try:
+                entry = next_entry(
+                    head, action=r.action, actor=r.actor, subject=r.subject, data=r.data, ts=r.ts,
+                    signer=self.signer,
                 )
-                entries.append(entry)
-                head = entry.head
-            if entries:
-                self.conn.execute(_SET_HEAD, (head.seq, head.hash))
+            except ValueError as exc:
+                raise AuditError(f"cannot record {r.action!r}: {exc}") from None
+            self.conn.execute(
+                _INSERT,
+                (
+                    entry.seq, entry.ts, entry.action, entry.actor, entry.subject, data_json(entry.data),
+                    entry.kid, entry.alg, entry.hash, entry.signature,
+                ),
+            )
+            entries.append(entry)
+            head = entry.head
+        if entries:
+            self.conn.execute(_SET_HEAD, (head.seq, head.hash))
         return entries
 
     @contextlib.contextmanager
@@ -251,8 +273,8 @@ def decode_row(row: tuple[Any, ...]) -> AuditEntry | Unreadable:
 
 
 def open_for_reading(path: Path) -> sqlite3.Connection:
-    """A read-only connection to a gateway database that has an audit log, or
-    `AuditError` saying what `path` is instead."""
+    """A read-only connection to a database that has an audit log (a gateway's database
+    or a PKI's `audit.db`), or `AuditError` saying what `path` is instead."""
     path = Path(path)
     if not path.is_file():
         raise AuditError(f"no database at {path}")
@@ -261,28 +283,12 @@ def open_for_reading(path: Path) -> sqlite3.Connection:
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     except sqlite3.Error as exc:
-        raise AuditError(f"{path} is not a gateway database ({exc})") from None
+        raise AuditError(f"{path} is not an audit database (a gateway's or a PKI's audit.db): {exc}") from None
     if "audit" not in tables or "audit_head" not in tables:
         conn.close()
         what = "its audit table is gone" if "messages" in tables else "no audit table"
-        raise AuditError(f"{path} is not a gateway database with an audit log ({what})")
+        raise AuditError(f"{path} has no audit log ({what})")
     return conn
-
-
-def gateway_keys(pki: Pki) -> KeyLookup:
-    """Public keys of gateway identities issued by `pki`'s CA and not revoked. Expiry is
-    not checked: an entry signed while the certificate was valid stays valid."""
-    registry = KeyRegistry(pki)
-
-    def lookup(kid: str) -> PublicKey:
-        entry = registry.lookup(kid)
-        if entry.role is not Role.GATEWAY:
-            raise WrongRole(f"role {entry.role.value} does not sign the audit log", sender=kid)
-        if registry.is_revoked(kid):
-            raise Revoked("certificate is revoked", sender=kid)
-        return entry.key
-
-    return lookup
 
 
 def verify_db(path: Path, keys: KeyLookup | None) -> ChainReport:

@@ -1,8 +1,8 @@
 """The tamper-evident audit log, sans-IO: entries, their canonical bytes, the hash
-chain, the gateway's signature, and the check an independent verifier runs.
+chain, the signer's signature, and the check an independent verifier runs.
 
 An entry records who (`actor`) did what (`action`) to what (`subject`), when (`ts`, UTC
-ms, the gateway's clock) and the facts (`data`, JSON-compatible). Its canonical bytes
+ms, the signer's clock) and the facts (`data`, JSON-compatible). Its canonical bytes
 are the RFC 8949 section 4.2.1 deterministic CBOR encoding of the map
 
     {"seq": uint, "ts": uint, "action": tstr, "actor": tstr, "subject": tstr,
@@ -14,10 +14,15 @@ bytes, which for text keys is shorter first, then bytewise). The chain is
     hash_0 = 32 zero bytes (GENESIS)
     hash_n = SHA-256(hash_{n-1} || canonical_n)
 
-and the gateway signs `SIGNATURE_CONTEXT || hash_n` with its key (`alg` is the COSE
-algorithm id: ES256 signatures are raw `r || s`, 64 bytes, as in the envelope). So a
-verifier needs deterministic CBOR, SHA-256 and the gateway's public key, nothing of
-Bluelight's. See docs/security.md, "Audit log".
+and the signer (`kid`: the gateway for its log, the issuing CA for the PKI's) signs
+`SIGNATURE_CONTEXT || hash_n` with its key (`alg` is the COSE algorithm id: ES256
+signatures are raw `r || s`, 64 bytes, as in the envelope). So a verifier needs
+deterministic CBOR, SHA-256 and the signer's public key, nothing of Bluelight's. See
+docs/security.md, "Audit log".
+
+This module lives in `certs` (not `gateway.core`) because the PKI keeps a log too, and
+`certs` must import without the gateway's extras; it needs only cbor2, cryptography
+and `edge_agent.wire`.
 """
 
 from __future__ import annotations
@@ -43,11 +48,11 @@ from edge_agent.wire.ids import InvalidId, check_id
 
 GENESIS = bytes(32)
 #: Prefixed to the entry hash before signing, so an audit signature can never be
-#: mistaken for (or replayed as) a signature over anything else the gateway signs.
+#: mistaken for (or replayed as) a signature over anything else its key signs.
 SIGNATURE_CONTEXT = b"bluelight audit v1\x00"
 HASH_BYTES = 32
 
-#: Actions the gateway records. Others are accepted if they look like `noun.verb`.
+#: Actions the gateway and the PKI record. Others are accepted if they look like `noun.verb`.
 ACTIONS = (
     "alert.sent",
     "alert.delivered",
@@ -57,6 +62,8 @@ ACTIONS = (
     "incident.created",
     "enrolment",
     "device.revoked",
+    "pki.created",
+    "hotlist.changed",
     "policy.loaded",
     "retention.pruned",
 )
@@ -278,7 +285,7 @@ BREAKS = {
     "gap": "missing — entries were deleted here",
     "hash": "hash mismatch — the log was altered at or before this entry",
     "signer": "signer not trusted",
-    "signature": "bad signature — the entry was not signed by the gateway's key",
+    "signature": "bad signature — the entry was not signed by its signer's key",
     "truncated": "missing — the log was truncated (its head record names a later entry)",
     "head": "the head record does not match the log",
 }
