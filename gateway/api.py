@@ -7,6 +7,7 @@ Errors are JSON `{"error": <code>, "detail": <text>}`, one exception handler per
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +16,15 @@ from typing import Annotated, Any, Literal, TypeVar
 from cryptography import x509
 from fastapi import APIRouter, Depends, FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.requests import HTTPConnection
 
 from certs.pki import id_of, role_of
 from edge_agent.wire.errors import REASONS
 from edge_agent.wire.ids import Role
 from gateway.core.alerts import AlertError
-from gateway.situation import SituationService
+from gateway.core.anpr import HotlistEntry, normalise_plate
+from gateway.situation import HotlistNotSaved, HotlistRefused, SituationService
 from gateway.store import MISSING_LIMIT, Store, StoreError
 
 #: Roles that may use the API.
@@ -61,6 +63,10 @@ class Unavailable(ApiError):
 
 class Conflict(ApiError):
     code = "conflict"
+
+
+class Invalid(ApiError):
+    code = "invalid"
 
 
 class ErrorBody(BaseModel):
@@ -119,6 +125,56 @@ class Override(BaseModel):
 
 class Close(BaseModel):
     reason: str = Field("", max_length=500)
+
+
+class HotlistItem(BaseModel):
+    plate: str = Field(description="Normalised: upper case, letters and digits only.")
+    reason: str
+    expires_ts: int = Field(description="When the entry stops matching (UTC ms).")
+    priority: int = Field(description="1 (highest) to 9.")
+    markers: list[str] = Field(description="Warnings for the officer (armed, stolen, violent, ...).")
+    expired: bool = Field(False, description="Past expires_ts: kept, but never matched.")
+
+
+class NewHotlistEntry(BaseModel):
+    plate: str = Field(max_length=20, description="Any spacing or case; stored normalised (AB12 CDE -> AB12CDE).")
+    reason: str = Field(min_length=1, max_length=200)
+    expires_ts: int = Field(gt=0, description="UTC ms, in the future.")
+    priority: int = Field(3, ge=1, le=9)
+    markers: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("plate")
+    @classmethod
+    def _plate(cls, value: str) -> str:
+        plate = normalise_plate(value)
+        if not 2 <= len(plate) <= 12 or not plate.isascii():
+            raise ValueError("a plate is 2-12 letters and digits once spaces and punctuation are dropped")
+        return plate
+
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, value: str) -> str:
+        if not value.strip() or not value.isprintable():
+            raise ValueError("the reason must be printable text")
+        return value.strip()
+
+    @field_validator("expires_ts")
+    @classmethod
+    def _future(cls, value: int) -> int:
+        if value <= time.time_ns() // 1_000_000:
+            raise ValueError("expires_ts must be in the future (UTC ms)")
+        return value
+
+    @field_validator("markers")
+    @classmethod
+    def _markers(cls, value: list[str]) -> list[str]:
+        markers = sorted({m.strip().lower() for m in value if m.strip()})
+        if any(len(m) > 32 or not m.replace("_", "").replace("-", "").isalnum() for m in markers):
+            raise ValueError("markers are words of up to 32 letters, digits, '-' or '_'")
+        return markers
+
+    def entry(self) -> HotlistEntry:
+        return HotlistEntry(self.plate, self.reason, self.expires_ts, self.priority, frozenset(self.markers))
 
 
 @dataclass(frozen=True)
@@ -197,7 +253,8 @@ def create_app(
         docs_url="/api/v1/docs",
         redoc_url=None,
     )
-    errors = ((NotAuthenticated, 401), (Forbidden, 403), (NotFound, 404), (Conflict, 409), (Unavailable, 503))
+    errors = ((NotAuthenticated, 401), (Forbidden, 403), (NotFound, 404), (Conflict, 409), (Invalid, 422),
+              (Unavailable, 503))
     for exc_type, status in errors:
         app.add_exception_handler(exc_type, _handler(status))
 
@@ -304,6 +361,39 @@ def _situation_routes(app: FastAPI, router: APIRouter, situation: SituationServi
     @router.get("/alerts", summary="Every alert with its lifecycle (sent, delivered, answered, escalated, ...)")
     async def alerts() -> list[dict[str, Any]]:
         return situation.alerts()
+
+    @router.get("/hotlist", response_model=list[HotlistItem], summary="The ANPR hotlist, by plate")
+    async def hotlist() -> list[HotlistItem]:
+        return [HotlistItem(**e) for e in situation.hotlist()]
+
+    unsaved: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorBody, "description": "The hotlist file could not be written; nothing changed."},
+    }
+
+    @router.post("/hotlist", status_code=201, response_model=HotlistItem, dependencies=operator,
+                 responses={422: {"model": ErrorBody, "description": "Expiry not in the future."}, **unsaved},
+                 summary="Add an entry, or replace the entry for its plate (operators); live at once, audited")
+    async def put_hotlist(body: NewHotlistEntry, peer: Annotated[Peer, Depends(client_peer)]) -> HotlistItem:
+        entry = body.entry()
+        try:
+            await situation.put_hotlist_entry(entry, by=peer.id)
+        except HotlistRefused as exc:
+            raise Invalid(str(exc)) from None
+        except HotlistNotSaved as exc:
+            raise Unavailable(str(exc)) from None
+        return HotlistItem(**situation.hotlist_json(entry))
+
+    @router.delete("/hotlist/{plate}", response_model=HotlistItem, dependencies=operator,
+                   responses={404: {"model": ErrorBody, "description": "No entry for this plate."}, **unsaved},
+                   summary="Remove a plate's entry (operators); returns it")
+    async def delete_hotlist(plate: str, peer: Annotated[Peer, Depends(client_peer)]) -> HotlistItem:
+        try:
+            entry = await situation.remove_hotlist_entry(plate, by=peer.id)
+        except KeyError:
+            raise NotFound(f"no hotlist entry for {normalise_plate(plate) or plate!r}") from None
+        except HotlistNotSaved as exc:
+            raise Unavailable(str(exc)) from None
+        return HotlistItem(**situation.hotlist_json(entry))
 
     @app.websocket("/api/v1/stream")
     async def stream(websocket: WebSocket) -> None:

@@ -15,14 +15,24 @@ Queues and what happens when they are full:
   are never dropped (a failing write is retried and logged).
 - WebSocket clients: each has a map of pending changes keyed by feature, so a slow
   client gets the latest state of each feature, never an ever-growing backlog.
+
+Hotlist changes from the API (`put_hotlist_entry`, `remove_hotlist_entry`) are
+written to `hotlist_path` first (temp file + rename, on a thread, one change at a
+time), then applied to the live picture and audited (`hotlist.changed`); the file
+watcher records the gateway's own write, so it never reloads it as a foreign change.
+A foreign edit not yet picked up is loaded before a change is applied, so neither
+loses the other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
+import os
 import sqlite3
+import stat
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -37,7 +47,7 @@ from certs.auditchain import AuditRecord
 from certs.auditlog import AuditLog
 from edge_agent.errors import BluelightError
 from gateway.core.alerts import AlertError, AlertOut
-from gateway.core.anpr import Hotlist, HotlistError
+from gateway.core.anpr import Hotlist, HotlistEntry, HotlistError, normalise_plate
 from gateway.core.ingest import Accepted
 from gateway.core.picture import Delta, Picture, PictureConfig, Registry, RegistryError
 from gateway.core.policy import Policy, PolicyError, default_policy, load_policy
@@ -54,6 +64,14 @@ RELOAD_S = 2.0
 
 class SituationError(BluelightError):
     """The situational picture cannot start (a policy, registry, map or hotlist file is bad)."""
+
+
+class HotlistRefused(SituationError):
+    """A hotlist change that cannot be made as asked (e.g. an expiry already past)."""
+
+
+class HotlistNotSaved(SituationError):
+    """The hotlist file could not be written; the live hotlist is unchanged."""
 
 
 class Downlink(Protocol):
@@ -134,11 +152,45 @@ def load_hotlist(path: Path | None) -> Hotlist:
         raise SituationError(f"{path}: {exc}") from None
 
 
-def _mtime(path: Path | None) -> float | None:
+HOTLIST_HEADER = (
+    "# ANPR hotlist. The Bluelight gateway rewrites this file when operators change the\n"
+    "# hotlist through its API (comments are not kept); edits here are picked up live.\n"
+)
+
+
+def save_hotlist(path: Path, entries: Sequence[HotlistEntry]) -> None:
+    """Write `entries` to the hotlist file atomically: a temp file in the same
+    directory, flushed to disk, renamed over `path` (keeping its permissions)."""
+    text = HOTLIST_HEADER + yaml.safe_dump({"hotlist": [e.as_record() for e in entries]}, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    created = False
     try:
-        return path.stat().st_mtime if path is not None else None
+        mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        created = True
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if created:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise HotlistNotSaved(f"cannot write the hotlist {path}: {exc.strerror}; nothing was changed") from None
+
+
+#: What the watcher compares: modification time, size and inode. Not the mtime alone:
+#: file times tick in jiffies, so two writes a millisecond apart can share one.
+Stamp = tuple[int, int, int]
+
+
+def _stamp(path: Path | None) -> Stamp | None:
+    try:
+        st = path.stat() if path is not None else None
     except OSError:
         return None
+    return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def load_inputs(settings: GatewaySettings) -> tuple[Policy, Registry, EtaModel, Hotlist]:
@@ -174,7 +226,9 @@ class SituationService:
         *,
         tick_s: float,
         clock_ms: Callable[[], int] = wall_ms,
+        hotlist_path: Path | None = None,
     ) -> None:
+        """`hotlist_path`: where API changes to the hotlist are saved (None: in memory only)."""
         self.situation = situation
         self.hub = DeltaHub()
         self.counts: Counter[str] = Counter()
@@ -185,43 +239,59 @@ class SituationService:
         self._sends: deque[tuple[str, str, dict[str, Any]]] = deque()
         self._send_ready = asyncio.Event()
         self._audit_pending: list[AuditRecord] = []
-        self._watched: dict[str, tuple[Path, float | None]] = {}
+        self._watched: dict[str, tuple[Path, Stamp | None]] = {}
+        self.hotlist_path = hotlist_path
+        self._hotlist_lock = asyncio.Lock()
+        #: Why the hotlist file on disk was not loaded (an edit that does not validate).
+        self._hotlist_file_bad: str | None = None
 
     def watch(self, registry_path: Path | None, hotlist_path: Path | None) -> None:
         """Re-read these files when they change (checked every `RELOAD_S`)."""
         for name, path in (("registry", registry_path), ("hotlist", hotlist_path)):
             if path is not None:
-                self._watched[name] = (path, _mtime(path))
+                self._watched[name] = (path, _stamp(path))
 
     def reload_changed(self) -> None:
-        """Apply a changed registry or hotlist; a bad file is logged and the old one kept."""
+        """Apply a changed registry or hotlist; a bad file is logged and the old one kept.
+        The hotlist is left alone while an API change is being saved (it reloads after)."""
+        for name in list(self._watched):
+            if name == "hotlist" and self._hotlist_lock.locked():
+                continue
+            self._reload(name)
+
+    def _reload(self, name: str) -> None:
+        path, seen = self._watched[name]
+        stamp = _stamp(path)
+        if stamp is None or stamp == seen:
+            return
         now = self._clock_ms()
-        for name, (path, seen) in list(self._watched.items()):
-            mtime = _mtime(path)
-            if mtime is None or mtime == seen:
-                continue
-            self._watched[name] = (path, mtime)
-            picture = self.situation.picture
-            try:
-                if name == "registry":
-                    self.hub.publish(picture.set_registry(load_registry(path), now).deltas)
-                    size = len(picture.registry.units)
-                else:
-                    picture.hotlist = load_hotlist(path)
-                    size = len(picture.hotlist)
-            except SituationError as exc:
-                self.counts[f"{name}_reload_failed"] += 1
-                log.warning("%s not reloaded, keeping the previous one: %s", name, exc)
-                continue
-            self._audit_pending.append(AuditRecord(f"{name}.loaded", "gateway", str(path), {"entries": size}, now))
-            log.info("%s reloaded from %s: %d entries", name, path, size)
+        self._watched[name] = (path, stamp)
+        picture = self.situation.picture
+        try:
+            if name == "registry":
+                self.hub.publish(picture.set_registry(load_registry(path), now).deltas)
+                size = len(picture.registry.units)
+            else:
+                picture.hotlist = load_hotlist(path)
+                size = len(picture.hotlist)
+        except SituationError as exc:
+            self.counts[f"{name}_reload_failed"] += 1
+            log.warning("%s not reloaded, keeping the previous one: %s", name, exc)
+            if name == "hotlist":
+                self._hotlist_file_bad = str(exc)
+            return
+        if name == "hotlist":
+            self._hotlist_file_bad = None
+        self._audit_pending.append(AuditRecord(f"{name}.loaded", "gateway", str(path), {"entries": size}, now))
+        log.info("%s reloaded from %s: %d entries", name, path, size)
 
     @classmethod
     def from_settings(cls, settings: GatewaySettings, downlink: Downlink, audit: AuditLog) -> SituationService:
         policy, registry, eta, hotlist = load_inputs(settings)
         prefix = time.strftime("INC%y%m%d%H%M", time.gmtime())
         picture = Picture(registry, hotlist=hotlist, config=PictureConfig(), incident_prefix=prefix)
-        service = cls(Situation(picture, policy, eta), downlink, audit, tick_s=settings.tick_ms / 1000)
+        service = cls(Situation(picture, policy, eta), downlink, audit, tick_s=settings.tick_ms / 1000,
+                      hotlist_path=settings.hotlist_path)
         service.watch(settings.registry_path, settings.hotlist_path)
         path = settings.policy_path
         digest = hashlib.sha256(path.read_bytes()).hexdigest() if path is not None else "built-in"
@@ -275,6 +345,68 @@ class SituationService:
     def close_incident(self, incident_id: str, operator: str, *, reason: str) -> None:
         self.take(self.situation.close_incident(incident_id, operator, self._clock_ms(), reason=reason))
 
+    async def put_hotlist_entry(self, entry: HotlistEntry, *, by: str) -> bool:
+        """Add `entry`, or replace the entry for its plate; returns whether one was
+        replaced. Saved to `hotlist_path` (if set) before it takes effect, then audited.
+        Raises `HotlistRefused` (expiry not in the future) or `HotlistNotSaved`."""
+        now = self._clock_ms()
+        if not entry.live(now):
+            raise HotlistRefused(f"expires_ts {entry.expires_ts} is not in the future (now {now})")
+        async with self._hotlist_lock:
+            hotlist = self._current_hotlist()
+            previous = hotlist.get(entry.plate)
+            await self._save_hotlist([e for e in hotlist if e.plate != entry.plate] + [entry])
+            hotlist.add(entry)
+            self._hotlist_changed("replaced" if previous else "added", entry.plate, entry, previous, by=by)
+        return previous is not None
+
+    async def remove_hotlist_entry(self, plate: str, *, by: str) -> HotlistEntry:
+        """Remove the entry for `plate` (normalised) and return it; `KeyError` if there
+        is none. Saved, applied and audited as `put_hotlist_entry`. Open `anpr_hit`
+        incidents for the plate stay open until an operator closes them."""
+        async with self._hotlist_lock:
+            hotlist = self._current_hotlist()
+            entry = hotlist.get(plate)
+            if entry is None:
+                raise KeyError(normalise_plate(plate))
+            await self._save_hotlist([e for e in hotlist if e.plate != entry.plate])
+            hotlist.remove(entry.plate)
+            self._hotlist_changed("removed", entry.plate, None, entry, by=by)
+        return entry
+
+    def _current_hotlist(self) -> Hotlist:
+        """The live hotlist, after loading a foreign edit of the file not yet picked up
+        (so a change from the API never overwrites it)."""
+        if "hotlist" in self._watched:
+            self._reload("hotlist")
+        if self._hotlist_file_bad is not None:
+            raise HotlistNotSaved(
+                f"the hotlist file was edited and does not validate ({self._hotlist_file_bad}); "
+                "fix the file, then try again"
+            )
+        return self.situation.picture.hotlist
+
+    async def _save_hotlist(self, entries: list[HotlistEntry]) -> None:
+        path = self.hotlist_path
+        if path is None:
+            return
+        await asyncio.to_thread(save_hotlist, path, sorted(entries, key=lambda e: e.plate))
+        if "hotlist" in self._watched:  # our own write: not a change to reload
+            self._watched["hotlist"] = (path, _stamp(path))
+
+    def _hotlist_changed(
+        self, op: str, plate: str, entry: HotlistEntry | None, previous: HotlistEntry | None, *, by: str
+    ) -> None:
+        data = {
+            "op": op, "entry": entry.as_record() if entry else None,
+            "previous": previous.as_record() if previous else None,
+            "saved_to": str(self.hotlist_path) if self.hotlist_path else None,
+            "entries": len(self.situation.picture.hotlist),
+        }
+        self._audit_pending.append(AuditRecord("hotlist.changed", by, plate, data, self._clock_ms()))
+        self.counts[f"hotlist_{op}"] += 1
+        log.info("hotlist: %s %s by %s", op, plate, by)
+
     # -- views (API) ---------------------------------------------------------------------------
 
     def picture(self) -> dict[str, Any]:
@@ -296,6 +428,13 @@ class SituationService:
             },
             "alerts": [self.situation.alert_json(a.alert_id) for a in self.situation.alerts.alerts_for(inc.id)],
         }
+
+    def hotlist(self) -> list[dict[str, Any]]:
+        """Every hotlist entry (expired ones too, flagged), by plate."""
+        return [self.hotlist_json(e) for e in self.situation.picture.hotlist]
+
+    def hotlist_json(self, entry: HotlistEntry) -> dict[str, Any]:
+        return {**entry.as_record(), "expired": not entry.live(self._clock_ms())}
 
     def alerts(self) -> list[dict[str, Any]]:
         out = []
@@ -356,5 +495,15 @@ class SituationService:
         self.counts["audit_entries"] += len(batch)
 
 
-__all__ = ["AlertError", "DeltaHub", "SituationError", "SituationService", "Subscriber", "load_inputs"]
+__all__ = [
+    "AlertError",
+    "DeltaHub",
+    "HotlistNotSaved",
+    "HotlistRefused",
+    "SituationError",
+    "SituationService",
+    "Subscriber",
+    "load_inputs",
+    "save_hotlist",
+]
 

@@ -25,7 +25,7 @@ straight line, so the position is a search area, not a point.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,6 +97,11 @@ class HotlistEntry:
     def live(self, now_ms: int) -> bool:
         return now_ms < self.expires_ts
 
+    def as_record(self) -> dict[str, Any]:
+        """The entry as a hotlist file record (what `Hotlist.from_records` reads)."""
+        return {"plate": self.plate, "reason": self.reason, "expires_ts": self.expires_ts,
+                "priority": self.priority, "markers": sorted(self.markers)}
+
 
 @dataclass(frozen=True, slots=True)
 class HotlistHit:
@@ -158,6 +163,23 @@ class Hotlist:
             self._fuzzy[self._key(old.plate)].remove(old)
         self._exact[entry.plate] = entry
         self._fuzzy.setdefault(self._key(entry.plate), []).append(entry)
+
+    def remove(self, plate: str) -> HotlistEntry:
+        """Remove and return the entry for `plate` (normalised); `KeyError` if none."""
+        entry = self._exact.pop(normalise_plate(plate))
+        key = self._key(entry.plate)
+        self._fuzzy[key].remove(entry)
+        if not self._fuzzy[key]:
+            del self._fuzzy[key]
+        return entry
+
+    def get(self, plate: str) -> HotlistEntry | None:
+        """The entry for `plate` (normalised), expired or not."""
+        return self._exact.get(normalise_plate(plate))
+
+    def __iter__(self) -> Iterator[HotlistEntry]:
+        """Every entry, expired ones too, by plate."""
+        return iter(sorted(self._exact.values(), key=lambda e: e.plate))
 
     def __len__(self) -> int:
         return len(self._exact)

@@ -277,6 +277,20 @@ def hl_entries() -> list[HotlistEntry]:
     return [HotlistEntry("XY05OSB", "firearms", T0 + 1000)]
 
 
+def test_hotlist_get_remove_iterate_and_records_round_trip() -> None:
+    hl = hotlist()
+    assert [e.plate for e in hl] == ["AB12CDE", "OLD1", "XY05OSB"]
+    assert hl.get("xy05 osb") is not None
+    assert Hotlist.from_records([e.as_record() for e in hl]).get("XY05OSB") == hl.get("XY05OSB")
+    removed = hl.remove("xy05-osb")
+    assert (removed.plate, len(hl), hl.get("XY05OSB")) == ("XY05OSB", 2, None)
+    assert hl.match("XY05 0SB", T0) == []  # gone from the look-alike index too
+    with pytest.raises(KeyError):
+        hl.remove("XY05OSB")
+    hl.add(removed)
+    assert hl.match("XY05 0SB", T0)[0].entry is removed
+
+
 def test_hotlist_rejects_bad_records() -> None:
     with pytest.raises(HotlistError, match="entry 1: missing field 'reason'"):
         Hotlist.from_records([{"plate": "A1", "reason": "x", "expires_ts": 1}, {"plate": "B2", "expires_ts": 1}])

@@ -4,6 +4,7 @@ incidents, alerts, unit states and audit records out, on an injected clock."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,3 +296,77 @@ def test_the_incident_closes_when_its_last_attending_unit_clears(fleet: Fleet) -
     assert fleet.situation.tick(now + 200_000).sends == []  # nothing escalates on a closed incident
     fleet.situation.tick(now + 61_000 + 3_600_001)
     assert incident_id not in fleet.situation.picture.incidents  # forgotten after an hour (audited)
+
+
+# -- the hotlist shell (gateway.situation): save, apply, audit; the watcher ------------------------------------
+
+
+class _NoDownlink:
+    async def publish_down(self, device: str, kind: str, body: Any) -> bool:
+        return True
+
+
+def _service(tmp_path: Path, hotlist_path: Path | None) -> Any:
+    from certs.auditlog import AuditLog  # noqa: PLC0415
+    from certs.pki import new_key  # noqa: PLC0415
+    from edge_agent.wire.envelope import KeySigner  # noqa: PLC0415
+    from gateway.situation import SituationService, load_hotlist  # noqa: PLC0415
+
+    situation = Situation(Picture(REGISTRY, hotlist=load_hotlist(hotlist_path)), default_policy(), StraightLineEta())
+    audit = AuditLog.open(tmp_path / "audit.db", KeySigner("gateway", new_key()))
+    service = SituationService(situation, _NoDownlink(), audit, tick_s=0.05, clock_ms=lambda: T0,
+                               hotlist_path=hotlist_path)
+    service.watch(None, hotlist_path)
+    return service
+
+
+async def test_hotlist_changes_are_saved_applied_and_audited(tmp_path: Path) -> None:
+    from gateway.situation import HotlistNotSaved, HotlistRefused, load_hotlist  # noqa: PLC0415
+
+    path = tmp_path / "hotlist.yaml"
+    path.write_text("hotlist: []\n")
+    service = _service(tmp_path, path)
+    assert await service.put_hotlist_entry(HotlistEntry("AB12 CDE", "stolen", T0 + 1000), by="op-1") is False
+    assert await service.put_hotlist_entry(HotlistEntry("AB12CDE", "stolen, armed", T0 + 2000), by="op-1") is True
+    assert [e.reason for e in load_hotlist(path)] == ["stolen, armed"]
+    service.reload_changed()  # its own write: no reload
+    assert [r.action for r in service._audit_pending] == ["hotlist.changed", "hotlist.changed"]
+    with pytest.raises(HotlistRefused):
+        await service.put_hotlist_entry(HotlistEntry("ZZ1", "late", T0), by="op-1")
+    with pytest.raises(KeyError):
+        await service.remove_hotlist_entry("ZZ1", by="op-1")
+    # a hand edit that does not validate: the API refuses to overwrite it, the live list stays
+    path.write_text("hotlist: [{plate: XX1}]\n")
+    with pytest.raises(HotlistNotSaved, match="does not validate"):
+        await service.remove_hotlist_entry("AB12CDE", by="op-1")
+    assert service.situation.picture.hotlist.get("AB12CDE") is not None
+    path.write_text(f"hotlist: [{{plate: XX1, reason: fixed, expires_ts: {T0 + 5000}}}]\n")
+    with pytest.raises(KeyError):  # the fixed file was loaded first: AB12CDE is no longer listed
+        await service.remove_hotlist_entry("AB12CDE", by="op-1")
+    removed = await service.remove_hotlist_entry("xx1", by="op-2")
+    assert removed.reason == "fixed"
+    assert list(load_hotlist(path)) == []
+    service._audit.close()
+
+
+async def test_an_unwritable_hotlist_file_changes_nothing(tmp_path: Path) -> None:
+    from gateway.situation import HotlistNotSaved  # noqa: PLC0415
+
+    path = tmp_path / "hotlist.yaml"
+    path.write_text("hotlist: []\n")
+    service = _service(tmp_path, path)
+    (tmp_path / f".hotlist.yaml.{os.getpid()}.tmp").mkdir()  # the temp file cannot be created (even by root)
+    with pytest.raises(HotlistNotSaved, match="nothing was changed"):
+        await service.put_hotlist_entry(HotlistEntry("AB12CDE", "stolen", T0 + 1000), by="op-1")
+    assert path.read_text() == "hotlist: []\n"
+    assert len(service.situation.picture.hotlist) == 0
+    assert service._audit_pending == []
+    service._audit.close()
+
+
+async def test_without_a_file_changes_are_live_only(tmp_path: Path) -> None:
+    service = _service(tmp_path, None)
+    await service.put_hotlist_entry(HotlistEntry("AB12CDE", "stolen", T0 + 1000), by="op-1")
+    assert [e["plate"] for e in service.hotlist()] == ["AB12CDE"]
+    assert service._audit_pending[0].data["saved_to"] is None
+    service._audit.close()
