@@ -83,7 +83,8 @@ class GatewaySettings:
     #: Street graph (GeoJSON LineStrings) for arrival-time estimates; without it,
     #: straight-line distance times the policy's detour factor.
     map_path: Path | None = None
-    #: ANPR hotlist (YAML: `hotlist: [{plate, reason, expires_ts, priority, markers}]`).
+    #: ANPR hotlist (YAML: `hotlist: [{plate, reason, expires_ts, priority, markers}]`); the
+    #: gateway rewrites it when operators change the hotlist through the API.
     hotlist_path: Path | None = None
     #: How often alert timeouts, escalations and arrivals are checked, and picture
     #: changes are sent to WebSocket clients (ms).
