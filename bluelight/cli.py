@@ -13,7 +13,6 @@ from typing import Any
 import click
 
 from bluelight.broker_cli import broker
-from bluelight.demo import DemoSettings, run_demo
 from certs.cli import pki
 from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
@@ -60,15 +59,21 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.option("--dir", "work_dir", default=Path("var/demo"), show_default=True, type=click.Path(path_type=Path),
-              help="Work directory (its PKI and databases are recreated each run).")
-@click.option("--units", default=10, show_default=True, type=int, help="Simulated units.")
+              help="Work directory (its PKI, databases and outboxes are recreated each run).")
 @click.option("--broker-port", default=8883, show_default=True, type=int, help="Broker TLS port.")
 @click.option("--http-port", default=8443, show_default=True, type=int, help="Gateway HTTPS port.")
-@click.option("--panic-every", "panic_every_s", default=60.0, show_default=True, type=float,
-              help="Mean seconds between simulated panic presses.")
-@click.option("--seed", default=1, show_default=True, type=int, help="Seed for routes and incidents.")
+@click.option("--devices", type=int,
+              help="Scale the fleet to this many devices in all, like 'bluelight sim run --devices' "
+                   "(default: the scenario's 50; too few to hold a unit an incident needs is refused).")
+@click.option("--speed", default=1.0, show_default=True, type=float,
+              help="Time acceleration: 10 plays the 15-minute incident timeline in 90 s.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed for routes and sensor noise.")
 def demo(**options: Any) -> None:
-    """Run the whole platform on this box: PKI, broker, gateway and a simulated fleet."""
+    """Run the whole platform on this box: PKI, broker, gateway and the simulator's
+    'demo' scenario (44 units, 6 fixed sensors, an incident every couple of minutes,
+    repeating) until Ctrl-C."""
+    from bluelight.demo import DemoSettings, run_demo  # noqa: PLC0415 - only the demo needs it
+
     settings = DemoSettings(**options)
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(run_demo(settings, echo=lambda line: click.echo(line, err=True)))
