@@ -16,7 +16,7 @@ import shutil
 import signal
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -213,6 +213,13 @@ async def run_demo(settings: DemoSettings, *, echo: Callable[[str], None] = prin
                 await gateway.wait()
 
 
-async def _watch(waiting: object, what: str) -> None:
-    code = await waiting  # type: ignore[misc]
+#: Seconds a child's exit waits before it counts as a failure: Ctrl-C in a terminal
+#: reaches the broker and the gateway too, and they may exit before the demo is cancelled.
+EXIT_GRACE_S = 2.0
+
+
+async def _watch(waiting: Awaitable[int | None], what: str) -> None:
+    code = await waiting
+    await asyncio.sleep(EXIT_GRACE_S)  # cancelled here when the user stopped the demo
     raise DemoError(f"{what} exited with status {code}; see its log above")
+
