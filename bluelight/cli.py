@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -12,12 +13,19 @@ from typing import Any
 
 import click
 
-from bluelight.broker_cli import broker
-from certs.cli import pki
-from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
-from firmware_sim.cli import sim
-from gateway.cli import gateway, tail
+
+#: Every role's subcommand (group), as "module:attribute", imported only when it is run
+#: or listed: `bluelight agent run` on a device then loads the agent's modules and no
+#: others (not the broker supervisor, the gateway's or the simulator's command lines).
+LAZY_COMMANDS: dict[str, str] = {
+    "pki": "certs.cli:pki",
+    "broker": "bluelight.broker_cli:broker",
+    "agent": "edge_agent.cli:agent",
+    "gateway": "gateway.cli:gateway",
+    "tail": "gateway.cli:tail",
+    "sim": "firmware_sim.cli:sim",
+}
 
 
 class OneLineUsageError(click.ClickException):
@@ -32,7 +40,22 @@ def _one_line(exc: click.UsageError) -> OneLineUsageError:
 
 
 class BluelightGroup(click.Group):
-    """Turns library and usage errors into one-line CLI errors with a non-zero exit."""
+    """Turns library and usage errors into one-line CLI errors with a non-zero exit, and
+    imports each subcommand's module only when that subcommand is wanted."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+        loaded = getattr(importlib.import_module(module), attribute)
+        if not isinstance(loaded, click.Command):
+            raise TypeError(f"{LAZY_COMMANDS[cmd_name]} is not a click command")
+        self.add_command(loaded, cmd_name)
+        return loaded
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -78,10 +101,6 @@ def demo(**options: Any) -> None:
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(run_demo(settings, echo=lambda line: click.echo(line, err=True)))
     click.echo("demo: stopped", err=True)
-
-
-for _command in (pki, broker, agent, gateway, tail, sim):
-    cli.add_command(_command)
 
 
 def main() -> None:

@@ -18,7 +18,10 @@ from certs.pki import Pki
 def _walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     yield path, command
     if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):  # the groups are loaded lazily
+            sub = command.get_command(ctx, name)
+            assert sub is not None, f"{name} is listed but cannot be loaded"
             yield from _walk(sub, (*path, name))
 
 
