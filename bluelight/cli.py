@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -12,13 +13,20 @@ from typing import Any
 
 import click
 
-from bluelight.broker_cli import broker
-from bluelight.demo import DemoSettings, run_demo
-from certs.cli import pki
-from edge_agent.cli import agent
 from edge_agent.errors import BluelightError
-from firmware_sim.cli import sim
-from gateway.cli import audit, gateway, tail
+
+#: Every role's subcommand (group), as "module:attribute", imported only when it is run
+#: or listed: `bluelight agent run` on a device then loads the agent's modules and no
+#: others (not the broker supervisor, the gateway's or the simulator's command lines).
+LAZY_COMMANDS: dict[str, str] = {
+    "pki": "certs.cli:pki",
+    "broker": "bluelight.broker_cli:broker",
+    "agent": "edge_agent.cli:agent",
+    "gateway": "gateway.cli:gateway",
+    "audit": "gateway.cli:audit",
+    "tail": "gateway.cli:tail",
+    "sim": "firmware_sim.cli:sim",
+}
 
 
 class OneLineUsageError(click.ClickException):
@@ -33,7 +41,22 @@ def _one_line(exc: click.UsageError) -> OneLineUsageError:
 
 
 class BluelightGroup(click.Group):
-    """Turns library and usage errors into one-line CLI errors with a non-zero exit."""
+    """Turns library and usage errors into one-line CLI errors with a non-zero exit, and
+    imports each subcommand's module only when that subcommand is wanted."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None or cmd_name not in LAZY_COMMANDS:
+            return command
+        module, _, attribute = LAZY_COMMANDS[cmd_name].partition(":")
+        loaded = getattr(importlib.import_module(module), attribute)
+        if not isinstance(loaded, click.Command):
+            raise TypeError(f"{LAZY_COMMANDS[cmd_name]} is not a click command")
+        self.add_command(loaded, cmd_name)
+        return loaded
 
     def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
         try:
@@ -60,23 +83,25 @@ def cli(verbose: int) -> None:
 
 @cli.command()
 @click.option("--dir", "work_dir", default=Path("var/demo"), show_default=True, type=click.Path(path_type=Path),
-              help="Work directory (its PKI and databases are recreated each run).")
-@click.option("--units", default=10, show_default=True, type=int, help="Simulated units.")
+              help="Work directory (its PKI, databases and outboxes are recreated each run).")
 @click.option("--broker-port", default=8883, show_default=True, type=int, help="Broker TLS port.")
 @click.option("--http-port", default=8443, show_default=True, type=int, help="Gateway HTTPS port.")
-@click.option("--panic-every", "panic_every_s", default=60.0, show_default=True, type=float,
-              help="Mean seconds between simulated panic presses.")
-@click.option("--seed", default=1, show_default=True, type=int, help="Seed for routes and incidents.")
+@click.option("--devices", type=int,
+              help="Scale the fleet to this many devices in all, like 'bluelight sim run --devices' "
+                   "(default: the scenario's 50; too few to hold a unit an incident needs is refused).")
+@click.option("--speed", default=1.0, show_default=True, type=float,
+              help="Time acceleration: 10 plays the 15-minute incident timeline in 90 s.")
+@click.option("--seed", default=1, show_default=True, type=int, help="Seed for routes and sensor noise.")
 def demo(**options: Any) -> None:
-    """Run the whole platform on this box: PKI, broker, gateway and a simulated fleet."""
+    """Run the whole platform on this box: PKI, broker, gateway and the simulator's
+    'demo' scenario (44 units, 6 fixed sensors, an incident every couple of minutes,
+    repeating) until Ctrl-C."""
+    from bluelight.demo import DemoSettings, run_demo  # noqa: PLC0415 - only the demo needs it
+
     settings = DemoSettings(**options)
     with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
         asyncio.run(run_demo(settings, echo=lambda line: click.echo(line, err=True)))
     click.echo("demo: stopped", err=True)
-
-
-for _command in (pki, broker, agent, gateway, audit, tail, sim):
-    cli.add_command(_command)
 
 
 def main() -> None:

@@ -3,13 +3,47 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edge_agent.agent import Agent
 from edge_agent.settings import load_settings
+
+
+class _Deferred(types.ModuleType):
+    """Stands in for a module until one of its attributes is used, then imports it."""
+
+    def __getattr__(self, attribute: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)  # binds the real module on its package too
+        return getattr(real, attribute)
+
+
+def defer_urllib_request() -> None:
+    """Import `urllib.request` only if something uses it. paho-mqtt imports it (and with
+    it http.client, email.parser, tempfile and shutil: ~1.5 MB RSS, about 4 % of an agent)
+    but uses it only to read proxy settings when PySocks is installed. (The stdlib's
+    `LazyLoader` does not help: on Python 3.11 the import statement itself reads the
+    module's `__spec__`, which runs it.) Done on the agent's own entry point only,
+    before paho is imported; any later use of the module gets the real one."""
+    name = "urllib.request"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        return
+    stub = _Deferred(name)
+    stub.__spec__ = spec
+    sys.modules[name] = stub
+    import urllib  # noqa: PLC0415
+
+    urllib.request = stub  # what a real import binds
 
 
 @click.group()
@@ -35,6 +69,8 @@ def run(config: Path | None, **options: Any) -> None:
     """
     options["panic_at_s"] = options["panic_at_s"] or None
     settings = load_settings(config, options)
+    defer_urllib_request()
+    from edge_agent.agent import Agent  # noqa: PLC0415 - after defer_urllib_request()
 
     async def main() -> None:
         with Agent(settings) as device:

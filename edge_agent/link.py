@@ -104,6 +104,16 @@ class LinkStats:
     alerts: int = 0
 
 
+def _reraise_swallowed_cancel() -> None:
+    """Python 3.11's `asyncio.wait_for` (which aiomqtt awaits connects, disconnects and
+    acks with) drops a cancellation that arrives as the awaited future completes, e.g.
+    when the broker goes away at the moment the fleet is cancelled (Ctrl-C reaches both).
+    The task is still marked as cancelling: honour it instead of reconnecting forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.x does not expose: the PUBACK reason code of each
     publish, and cutting the connection without a DISCONNECT (so the will fires)."""
@@ -185,6 +195,8 @@ class Link:
 
     # -- the connection loop ------------------------------------------------------
     async def run(self) -> None:
+        """Connect, send, receive receipts; reconnect with backoff; until `request_stop()`
+        or cancellation."""
         attempt = 0
         presence: _Presence | None = None
         host, port = self.settings.broker_host, self.settings.broker_port
@@ -219,6 +231,7 @@ class Link:
             finally:
                 self._client = None
                 self.connected.clear()
+            _reraise_swallowed_cancel()
             if connected_at is not None:
                 self.stats.disconnects += 1
                 presence = None

@@ -1039,14 +1039,16 @@ async def run_demo_fleet(
     run_dir: Path | None = None,
     seed: int = 1,
     devices: int | None = None,
+    speed: float = 1.0,
     echo: Callable[[str], None] = print,
     scenario: str = "demo",
 ) -> None:
-    """`bluelight demo`'s fleet: the built-in `demo` scenario, in real time, repeating its
-    incidents until cancelled (Ctrl-C). Issues the devices' certificates in `pki_dir`."""
+    """`bluelight demo`'s fleet: the built-in `demo` scenario, in real time (or `speed`
+    times faster), repeating its incidents until cancelled (Ctrl-C). Issues the devices'
+    certificates in `pki_dir`."""
     from firmware_sim.scenario import load_scenario  # noqa: PLC0415 - avoid a cycle at import
 
-    loaded = load_scenario(scenario, seed=seed, devices=devices, speed=1.0)
+    loaded = load_scenario(scenario, seed=seed, devices=devices, speed=speed)
     options = FleetOptions(pki_dir=pki_dir, broker=broker, run_dir=run_dir, gateway_api=gateway_api, forever=True)
     await run_fleet(loaded, options, echo=echo)
 

@@ -1,8 +1,12 @@
-"""The ingest benchmark's harness, run briefly: 2 devices, ~2 s a run, real Mosquitto,
-the real gateway. Counts must add up and the figures must have their documented keys."""
+"""The benchmark harnesses, run briefly (ingest: 2 devices, ~2 s a run, real Mosquitto,
+the real gateway; the agent footprint: a few seconds). Counts must add up and the
+figures must have their documented keys."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +54,18 @@ def test_bench_counts_add_up(tmp_path: Path) -> None:
     assert figures["ratio"] == pytest.approx(real["msgs_per_s"] / raw["msgs_per_s"], rel=0.01)
     assert any("[raw]" in line for line in lines)
     assert any("[real]" in line for line in lines)
+
+
+def test_agent_footprint_bench_runs_briefly() -> None:
+    """`bench/agent-footprint` end to end for a few seconds: figures present, nothing lost."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "agent-footprint"
+    out = subprocess.run([sys.executable, str(script), "--duration", "6", "--interval", "1", "--json"],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "| steady RSS (median; spread) |" in out.stdout
+    figures = json.loads(out.stdout[out.stdout.index("{"):])
+    assert figures["produced"] >= 3
+    assert figures["stored"] >= figures["produced"]
+    assert 5 < figures["steady_rss_mb"] < 500
+    assert figures["steady_pss_mb"] <= figures["steady_rss_mb"]
+    assert figures["cpu_s_per_hour"] is not None

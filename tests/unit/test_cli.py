@@ -3,6 +3,8 @@ bad input answered with one line that says what to do (never a traceback)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +20,10 @@ from certs.pki import Pki
 def _walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
     yield path, command
     if isinstance(command, click.Group):
-        for name, sub in sorted(command.commands.items()):
+        ctx = click.Context(command)
+        for name in command.list_commands(ctx):  # the groups are loaded lazily
+            sub = command.get_command(ctx, name)
+            assert sub is not None, f"{name} is listed but cannot be loaded"
             yield from _walk(sub, (*path, name))
 
 
@@ -178,3 +183,37 @@ def test_init_with_an_invalid_gateway_id_leaves_nothing_behind(tmp_path: Path) -
     _assert_one_line_error(_run("pki", "init", "--dir", str(pki_dir), "--gateway-id", "bad id"), "use 1-64")
     retry = _run("pki", "init", "--dir", str(pki_dir))
     assert retry.exit_code == 0, retry.output
+
+
+# -- what the agent's process loads ---------------------------------------------------------
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\nprint(' '.join(sys.modules))"],
+                         capture_output=True, text=True, check=True, timeout=60)
+    return set(out.stdout.split())
+
+
+def test_agent_commands_do_not_import_the_other_roles() -> None:
+    loaded = _modules_after(
+        "import sys\nfrom bluelight.cli import cli\nsys.argv = ['bluelight', 'agent', 'run', '--help']\n"
+        "try:\n    cli(prog_name='bluelight')\nexcept SystemExit:\n    pass"
+    )
+    assert "edge_agent.cli" in loaded
+    unwanted = {m for m in loaded if m.split(".")[0] in {"gateway", "firmware_sim", "fastapi", "uvicorn", "yaml",
+                                                         "sqlite_utils", "numpy"} or m == "bluelight.broker"}
+    assert not unwanted, sorted(unwanted)
+
+
+def test_deferred_urllib_request_loads_on_first_use() -> None:
+    loaded = _modules_after(
+        "from edge_agent.cli import defer_urllib_request\ndefer_urllib_request()\nimport edge_agent.agent"
+    )
+    assert "paho.mqtt.client" in loaded
+    assert "http.client" not in loaded
+    after_use = _modules_after(
+        "from edge_agent.cli import defer_urllib_request\ndefer_urllib_request()\nimport edge_agent.agent\n"
+        "import urllib.request, paho.mqtt.client as p\nassert callable(p.urllib.request.getproxies)\n"
+        "assert type(urllib.request).__name__ == 'module', type(urllib.request)"
+    )
+    assert "http.client" in after_use
