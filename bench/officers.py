@@ -478,12 +478,18 @@ class _Fleet:
 
 def _fleet_main(conn: Connection, spec: FleetSpec) -> None:
     """The officer process: "ready" once every officer is on the picture, available;
-    then "go" starts the panics; answers "result"."""
+    then "go" starts the panics; sends "result" when done, exits on "stop"."""
     _ignore_sigint()
+    failed = False
     try:
         asyncio.run(_Fleet(conn, spec).main())
     except* (BenchError, OSError, aiomqtt.MqttError, httpx.HTTPError, ValueError) as group:
         conn.send(("error", "officers: " + "; ".join(repr(e) for e in group.exceptions)))
+        failed = True
+    if failed:
+        return
+    with contextlib.suppress(EOFError):
+        conn.recv()  # "stop": the parent watches this process until the background is done
 
 
 # --------------------------------------------------------------------------- figures
@@ -656,6 +662,7 @@ def run_dispatch(cfg: DispatchConfig, root: Path, log: Log = print) -> dict[str,
         run_cfg = RunConfig(duration, cfg.total_rate, cfg.window, cfg.publishers, cfg.drain_timeout)
         published_msgs = _go(pubs, run_cfg, delivered, progress, also=[fleet])
         result = fleet.latest.get("result") or fleet.expect("result", 60)
+        fleet.send("stop")
         officer_sent[0] = sum(o["sent"] for o in result["officers"].values())
         real = finish_real(ws, pubs, published_msgs, store, gateway, delivered, meter, cfg.drain_timeout, progress)
         try:
