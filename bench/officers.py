@@ -359,7 +359,8 @@ class _Fleet:
         # Not the subject of an incident still open: the gateway would merge the new
         # panic into it (one officer down is one incident) and send no new alerts.
         busy = {p.subject for p in self.panics if not p.closed}
-        subject = self.rng.choice([o for o in self.officers.values() if o.id not in busy])
+        free = [o for o in self.officers.values() if o.id not in busy]
+        subject = self.rng.choice(free or list(self.officers.values()))  # none free: counted as merged
         settled = self._settled()
         expected = self._expected(subject, wall_ms())
         t0_wall = time.time() * 1000
@@ -368,13 +369,17 @@ class _Fleet:
         puback = (time.perf_counter() - t0) * 1000
         self.panics.append(Panic(index, subject.id, seq, t0, t0_wall, puback, expected, settled))
 
-    async def _close(self, client: httpx.AsyncClient, index: int) -> None:
-        panic = next((p for p in self.panics if p.index == index), None)
-        if panic is None:
-            return
+    async def _close_due(self, client: httpx.AsyncClient, index: int) -> None:
+        """Close panic `index`'s incident, and retry those that could not be closed
+        before (the gateway had not opened them yet)."""
+        for panic in self.panics:
+            if panic.index <= index and not panic.closed:
+                await self._close(client, panic)
+
+    async def _close(self, client: httpx.AsyncClient, panic: Panic) -> None:
         incident_id = panic.incident_id or await self._find_incident(client, panic)
         if incident_id is None:
-            self.refused_closes.append(f"panic {index}: no incident found to close")
+            self.refused_closes.append(f"panic {panic.index}: no incident yet at close time")
             return
         resp = await client.post(f"{self.api}/incidents/{incident_id}/close", json={"reason": "bench"})
         if resp.status_code != 200:
@@ -457,7 +462,7 @@ class _Fleet:
                     done += 1
                     self.conn.send(("progress", {"panics": done, "alerts": len(self.alerts)}))
                 else:
-                    await self._close(api, i)
+                    await self._close_due(api, i)
             await asyncio.sleep(max(0.0, start + cfg.timeline_s() - loop.time()))
             incidents = (await api.get(f"{self.api}/incidents")).json()
             for task in background:
