@@ -371,16 +371,23 @@ class _Fleet:
 
     async def _close_due(self, client: httpx.AsyncClient, index: int) -> None:
         """Close panic `index`'s incident, and retry those that could not be closed
-        before (the gateway had not opened them yet)."""
-        for panic in self.panics:
-            if panic.index <= index and not panic.closed:
-                await self._close(client, panic)
+        before (the gateway had not opened them yet); one lookup of unknown ids."""
+        due = [p for p in self.panics if p.index <= index and not p.closed]
+        if any(p.incident_id is None for p in due):
+            resp = await client.get(f"{self.api}/incidents")
+            by_source = {src: str(inc["incident_id"]) for inc in resp.json() for src in inc.get("sources", [])}
+            for p in due:
+                found = by_source.get(f"{p.subject}:{p.seq}")
+                if p.incident_id is None and found is not None:
+                    p.incident_id = found
+                    self.by_incident.setdefault(found, p)
+        for panic in due:
+            if panic.incident_id is None:
+                self.refused_closes.append(f"panic {panic.index}: no incident yet at close time")
+                continue
+            await self._close(client, panic, panic.incident_id)
 
-    async def _close(self, client: httpx.AsyncClient, panic: Panic) -> None:
-        incident_id = panic.incident_id or await self._find_incident(client, panic)
-        if incident_id is None:
-            self.refused_closes.append(f"panic {panic.index}: no incident yet at close time")
-            return
+    async def _close(self, client: httpx.AsyncClient, panic: Panic, incident_id: str) -> None:
         resp = await client.post(f"{self.api}/incidents/{incident_id}/close", json={"reason": "bench"})
         if resp.status_code != 200:
             self.refused_closes.append(f"{incident_id}: HTTP {resp.status_code} {resp.text[:200]}")
@@ -390,16 +397,6 @@ class _Fleet:
         for o in self.officers.values():
             if o.incident == incident_id:
                 o.incident, o.accepted_seq = None, None
-
-    async def _find_incident(self, client: httpx.AsyncClient, panic: Panic) -> str | None:
-        resp = await client.get(f"{self.api}/incidents")
-        source = f"{panic.subject}:{panic.seq}"
-        for inc in resp.json():
-            if source in inc.get("sources", []):
-                panic.incident_id = inc["incident_id"]
-                self.by_incident[inc["incident_id"]] = panic
-                return str(inc["incident_id"])
-        return None
 
     async def _wait_on_picture(self, client: httpx.AsyncClient, within_s: float = 60.0) -> None:
         deadline = time.monotonic() + within_s
@@ -461,7 +458,7 @@ class _Fleet:
                     await self._panic(i)
                     done += 1
                     self.conn.send(("progress", {"panics": done, "alerts": len(self.alerts)}))
-                else:
+                elif loop.time() < start + cfg.timeline_s():  # an overloaded gateway: stop closing in time
                     await self._close_due(api, i)
             await asyncio.sleep(max(0.0, start + cfg.timeline_s() - loop.time()))
             incidents = (await api.get(f"{self.api}/incidents")).json()
@@ -666,7 +663,7 @@ def run_dispatch(cfg: DispatchConfig, root: Path, log: Log = print) -> dict[str,
         progress = _Progress("dispatch", log)
         run_cfg = RunConfig(duration, cfg.total_rate, cfg.window, cfg.publishers, cfg.drain_timeout)
         published_msgs = _go(pubs, run_cfg, delivered, progress, also=[fleet])
-        result = fleet.latest.get("result") or fleet.expect("result", 60)
+        result = fleet.latest.get("result") or fleet.expect("result", 180)
         fleet.send("stop")
         officer_sent[0] = sum(o["sent"] for o in result["officers"].values())
         real = finish_real(ws, pubs, published_msgs, store, gateway, delivered, meter, cfg.drain_timeout, progress)
