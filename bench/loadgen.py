@@ -109,6 +109,8 @@ DRAIN_TIMEOUT_S = 20.0
 #: Estimated ceiling of a max-rate run, to size the pre-signed stock.
 MAX_RATE_ESTIMATE = 16_000
 TICK_S = 0.01
+#: The checkout this harness belongs to (the gateway it starts runs this code).
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class BenchError(RuntimeError):
@@ -218,10 +220,20 @@ class MosquittoRunner:
 class GatewayRunner:
     """`bluelight gateway run` as a subprocess, with its HTTPS API read over mutual TLS."""
 
-    def __init__(self, pki: Pki, broker_port: int, work_dir: Path, http_port: int | None = None) -> None:
+    def __init__(
+        self,
+        pki: Pki,
+        broker_port: int,
+        work_dir: Path,
+        http_port: int | None = None,
+        *,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        """`extra_args` go to `bluelight gateway run` (e.g. `--registry FILE --map FILE`)."""
         self.pki = pki
         self.broker_port = broker_port
         self.work_dir = work_dir
+        self.extra_args = tuple(extra_args)
         self.db_path = work_dir / "gateway.db"
         self.http_port = http_port or free_port()
         self.log_path = work_dir / "gateway.log"
@@ -239,12 +251,23 @@ class GatewayRunner:
             "--broker", f"localhost:{self.broker_port}",
             "--db", str(self.db_path),
             "--http-port", str(self.http_port),
+            *self.extra_args,
         ]  # fmt: skip
+
+    @staticmethod
+    def environment() -> dict[str, str]:
+        """The gateway imports the checkout this harness lives in, not whatever the
+        venv's editable install points at."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
 
     def start(self, timeout: float = 30.0) -> GatewayRunner:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=log, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=log, start_new_session=True, env=self.environment()
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -1118,18 +1141,32 @@ class _Progress:
             self.log(f"  [{self.label}] {now - self.start:5.1f}s  published {published:>9,}  delivered {delivered:>9,}")
 
 
-def _go(pubs: _Publishers, cfg: RunConfig, delivered: Callable[[], int], progress: _Progress) -> list[Any]:
-    """Start the timed phase; print progress until every publisher has published."""
+def _go(
+    pubs: _Publishers,
+    cfg: RunConfig,
+    delivered: Callable[[], int],
+    progress: _Progress,
+    *,
+    also: Sequence[_Child] = (),
+) -> list[Any]:
+    """Start the timed phase; print progress until every publisher has published.
+    `also`: other children that work meanwhile (their errors and deaths stop the run;
+    their messages are kept in `latest`)."""
     rate = cfg.rate / len(pubs.kids) if cfg.rate else 0.0
     pubs.send("go", {"duration": cfg.duration, "rate": rate})
     done: list[Any] = [None] * len(pubs.kids)
     while any(d is None for d in done):
-        ready = wait_connections([k.conn for k in pubs.kids], timeout=1.0)
+        ready = wait_connections([k.conn for k in (*pubs.kids, *also)], timeout=1.0)
         for i, kid in enumerate(pubs.kids):
             if kid.conn in ready:
                 kid.drain()
                 if "published" in kid.latest and done[i] is None:
                     done[i] = kid.latest["published"]
+            elif not kid.proc.is_alive():
+                raise BenchError(f"{kid.name} died (exit code {kid.proc.exitcode})")
+        for kid in also:
+            if kid.conn in ready:
+                kid.drain()
             elif not kid.proc.is_alive():
                 raise BenchError(f"{kid.name} died (exit code {kid.proc.exitcode})")
         progress.line(pubs.progress(), delivered())
@@ -1303,31 +1340,49 @@ def run_real(
         meter = _meter(pubs, broker, gateway=[gateway.pid])
         progress = _Progress("real", log)
         published_msgs = _go(pubs, cfg, delivered, progress)
-        published = sum(p["published"] for p in published_msgs)
-        t_store_done = _wait_delivered(delivered, published, cfg.drain_timeout, progress, "stored")
-        cpu = meter.stop(published - len(ws.devices))
+        figures = finish_real(ws, pubs, published_msgs, store, gateway, delivered, meter, cfg.drain_timeout, progress)
+    return {**figures, "background_pct": background}
 
-        def confirmed() -> int:
-            pubs.send("status")
-            return sum(s["confirmed"] for s in pubs.each("status", 10))
 
-        _wait_delivered(confirmed, published, 5.0, progress, "confirmed by receipts")
-        pubs.send("stop")
-        results = pubs.each("result", 30)
-        devices, run = _summarise(results, published_msgs)
-        sent = {d: _doubles(info["sent"]) for d, info in devices.items()}
-        rows, distinct = store.totals(ws.devices)
-        time_column = store.time_column()
-        store_samples = [
-            t - sent[d][seq] for d in ws.devices for seq, t in store.row_times(d) if 1 < seq < len(sent[d])
-        ]
-        store.close()
-        try:
-            stats = gateway.get("/api/v1/stats")
-            device_rows = gateway.get("/api/v1/devices")
-        except (OSError, http.client.HTTPException, BenchError) as exc:
-            log(f"  could not read the gateway's API: {exc}")
-            stats, device_rows = {}, []
+def finish_real(
+    ws: Workspace,
+    pubs: _Publishers,
+    published_msgs: list[dict[str, Any]],
+    store: StoreReader,
+    gateway: GatewayRunner,
+    delivered: Callable[[], int],
+    meter: CpuMeter,
+    drain_timeout: float,
+    progress: _Progress,
+) -> dict[str, Any]:
+    """After the publishers have published: wait until the gateway stored everything
+    (or stalled), stop the meter, collect the receipts and the publishers' results, and
+    count what the store and the gateway's API say (the real run's figures, RUN_KEYS and
+    REAL_KEYS but `background_pct`). The publishers are told to stop."""
+    log = progress.log
+    published = sum(p["published"] for p in published_msgs)
+    t_store_done = _wait_delivered(delivered, published, drain_timeout, progress, "stored")
+    cpu = meter.stop(published - len(ws.devices))
+
+    def confirmed() -> int:
+        pubs.send("status")
+        return sum(s["confirmed"] for s in pubs.each("status", 10))
+
+    _wait_delivered(confirmed, published, 5.0, progress, "confirmed by receipts")
+    pubs.send("stop")
+    results = pubs.each("result", 30)
+    devices, run = _summarise(results, published_msgs)
+    sent = {d: _doubles(info["sent"]) for d, info in devices.items()}
+    rows, distinct = store.totals(ws.devices)
+    time_column = store.time_column()
+    store_samples = [t - sent[d][seq] for d in ws.devices for seq, t in store.row_times(d) if 1 < seq < len(sent[d])]
+    store.close()
+    try:
+        stats = gateway.get("/api/v1/stats")
+        device_rows = gateway.get("/api/v1/devices")
+    except (OSError, http.client.HTTPException, BenchError) as exc:
+        log(f"  could not read the gateway's API: {exc}")
+        stats, device_rows = {}, []
     receipt_samples: list[float] = []
     for d, info in devices.items():
         confirmed_at = _doubles(info["confirmed_at"])
@@ -1357,7 +1412,6 @@ def run_real(
         "store_latency_column": time_column,
         "max_backlog": run["max_backlog"],
         "cpu": cpu,
-        "background_pct": background,
         "gateway_live": stats.get("ingest"),
         "accepted": stats.get("accepted"),
         "rejected": {k: v for k, v in (stats.get("rejected") or {}).items() if v},

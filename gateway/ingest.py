@@ -87,6 +87,20 @@ READ_PACKETS = 1024
 RECEIPT_TICK_S = 0.05
 #: Rejections logged one by one per reason per report interval; the rest are counted.
 LOG_REJECTIONS = 5
+#: The gateway's own QoS 1 publishes (receipts, alerts) in flight at once. paho's
+#: default of 20 let one burst of receipts (up to one per device per
+#: `receipt_interval_ms`) queue an alert behind it inside paho for seconds under load.
+#: Mosquitto's `max_inflight_messages` (the Receive Maximum it gives MQTT 5 clients) is
+#: 1000 in `bluelight.broker`.
+DOWNLINK_INFLIGHT = 1000
+#: Kinds a batch does not wait `batch_latency_ms` for: alarms and officers' answers to
+#: alerts (they drive dispatch; telemetry is the bulk and can wait for company).
+URGENT_KINDS = frozenset({"event", "ack"})
+
+
+def is_urgent(topic: str) -> bool:
+    """Is `topic` (`bl/v1/<sender>/up/<kind>`) of an `URGENT_KINDS` kind?"""
+    return topic.rpartition("/")[2] in URGENT_KINDS
 
 
 def wall_ms() -> int:
@@ -108,7 +122,8 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's incoming queue, bounded. It stamps each message's receive time as it
     arrives (`last_recv_ms` is the stamp of the message taken last) and sets `full_batch`
     once a batch's worth is waiting, so the receiver wakes once per batch, not per
-    message. A message that does not fit is dropped by aiomqtt (it logs a warning);
+    message, or at once for an urgent message (`is_urgent`; `urgent` counts those
+    waiting). A message that does not fit is dropped by aiomqtt (it logs a warning);
     `on_overflow` reports it first."""
 
     def __init__(
@@ -118,6 +133,7 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
         self.full_batch = asyncio.Event()
         self.last_recv_ms = 0
         self.received = 0
+        self.urgent = 0
         self._batch_size = batch_size
         self._clock_ms = clock_ms
         self._on_overflow = on_overflow
@@ -127,17 +143,19 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
         if self.full():
             self._on_overflow(item)
         super().put_nowait(item)
-        if self.qsize() >= self._batch_size:
+        if self.qsize() >= self._batch_size or self.urgent:
             self.full_batch.set()
 
     def _put(self, item: aiomqtt.Message) -> None:
         self.received += 1
         self._stamps.append(self._clock_ms())
+        self.urgent += is_urgent(item.topic.value)
         super()._put(item)
 
     def _get(self) -> aiomqtt.Message:
         self.last_recv_ms = self._stamps.popleft()
         item: aiomqtt.Message = super()._get()
+        self.urgent -= is_urgent(item.topic.value)
         return item
 
 
@@ -620,6 +638,7 @@ class Ingest:
             properties=_connect_properties(s) if v5 else None,
             tls_context=self._tls,
             keepalive=30,
+            max_inflight_messages=DOWNLINK_INFLIGHT,
         )
 
     def _overflowed(self, message: aiomqtt.Message) -> None:
@@ -660,7 +679,8 @@ class Ingest:
             await asyncio.sleep(delay)
 
     async def _receive(self, client: _IngestClient) -> None:
-        """Fill batches: up to `batch_size` messages or `batch_latency_ms` after the first."""
+        """Fill batches: up to `batch_size` messages or `batch_latency_ms` after the first,
+        or up to an urgent message (`is_urgent`)."""
         inbox, gate = client.inbox, client.gate
         low_water = inbox.maxsize // 2
         size = self.settings.batch_size
@@ -669,7 +689,9 @@ class Ingest:
         async for first in client.messages:
             batch = _Batch(client)
             acks, raw = batch.acks, batch.raw
-            if inbox.qsize() + 1 < size:  # let the batch fill, waking once rather than per message
+            # Let the batch fill, waking once rather than per message; not when an alarm
+            # or an answer is in it or waiting (each would wait up to `latency`).
+            if inbox.qsize() + 1 < size and not inbox.urgent and not is_urgent(first.topic.value):
                 inbox.full_batch.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(loop.time() + latency):

@@ -465,17 +465,21 @@ class SituationService:
                 next_reload = loop.time() + RELOAD_S
 
     async def _send_loop(self) -> None:
+        """Publish what is queued, all of it at once (an incident's alerts must not wait
+        for each other's PUBACKs); what failed goes back first in line, in order."""
         while True:
             await self._send_ready.wait()
             self._send_ready.clear()
             while self._sends:
-                device, kind, body = self._sends[0]
-                if not await self._downlink.publish_down(device, kind, body):
-                    self.counts[f"{kind}_retries"] += 1
+                batch = list(self._sends)
+                self._sends.clear()
+                sent = await asyncio.gather(*(self._downlink.publish_down(*item) for item in batch))
+                failed = [item for item, ok in zip(batch, sent, strict=True) if not ok]
+                for (_device, kind, _body), ok in zip(batch, sent, strict=True):
+                    self.counts[f"{kind}_published" if ok else f"{kind}_retries"] += 1
+                if failed:
+                    self._sends.extendleft(reversed(failed))
                     await asyncio.sleep(RETRY_S)
-                    continue
-                self._sends.popleft()
-                self.counts[f"{kind}_published"] += 1
 
     async def _audit_loop(self) -> None:
         while True:

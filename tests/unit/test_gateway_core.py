@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -26,7 +27,7 @@ from edge_agent.wire.ids import Role
 from edge_agent.wire.topics import Topic
 from gateway.core import Accepted, IngestCore, ReceiptBook, Rejection, ReplayWindow, SkewEstimator, Verdict
 from gateway.core.tail import clock, message_line, rejection_line
-from gateway.ingest import route
+from gateway.ingest import _Inbox, is_urgent, route
 from gateway.settings import GatewaySettings, load_settings
 from gateway.store import Store
 
@@ -459,3 +460,24 @@ def test_settings_refuse_a_missing_identity(pki: Pki, tmp_path: Path) -> None:
             "pki_dir": pki.root, "broker": "localhost:1", "db_path": tmp_path / "d", "gateway_id": "gw-x",
         })
     assert GatewaySettings(pki_dir=pki.root, broker="h:1", db_path=tmp_path / "d").gateway_id == "gateway"
+
+
+def _mqtt_message(topic: str) -> aiomqtt.Message:
+    return aiomqtt.Message(topic, b"x", qos=1, retain=False, mid=1, properties=None)
+
+
+async def test_an_alarm_or_answer_closes_the_batch_at_once() -> None:
+    assert is_urgent("bl/v1/dev-1/up/event")
+    assert is_urgent("bl/v1/off-1/up/ack")
+    assert not is_urgent("bl/v1/dev-1/up/telemetry")
+    assert not is_urgent("bl/v1/dev-1/up/status")
+    inbox = _Inbox(100, 10, lambda: 0, lambda m: None)
+    for _ in range(3):
+        inbox.put_nowait(_mqtt_message("bl/v1/dev-1/up/telemetry"))
+    assert not inbox.full_batch.is_set()  # telemetry waits for a batch's worth (or the latency)
+    inbox.put_nowait(_mqtt_message("bl/v1/dev-2/up/event"))
+    assert inbox.full_batch.is_set()
+    assert inbox.urgent == 1
+    while not inbox.empty():
+        inbox.get_nowait()
+    assert inbox.urgent == 0
