@@ -61,6 +61,8 @@ GATEWAY_ROLES = frozenset({Role.GATEWAY})
 _STABLE_S = 10.0
 #: How long a graceful stop waits for outstanding PUBACKs before giving up on them.
 _DRAIN_S = 2.0
+#: Longest period of paho's housekeeping (keepalive) loop; a quarter of keepalive if shorter.
+_MISC_S = 5.0
 
 
 def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) -> Message:
@@ -69,6 +71,14 @@ def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) ->
     if parsed.direction != "down" or parsed.sender != recipient:
         raise TopicMismatch(f"{topic!r} is not a downlink for {recipient!r}")
     return verify_message(topic, data, keys, GATEWAY_ROLES)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop of this thread, if it runs one (paho connects from an executor thread)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def backoff_delay(attempt: int, low_s: float, high_s: float, rng: random.Random) -> float:
@@ -103,27 +113,72 @@ class LinkStats:
 
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.x does not expose: the PUBACK reason code of each
-    publish, and cutting the connection without a DISCONNECT (so the will fires)."""
+    publish, and cutting the connection without a DISCONNECT (so the will fires).
+
+    It also does less per message than aiomqtt does, which matters when one process runs
+    thousands of agents: a publish made on the event loop is written to the socket at
+    once (aiomqtt schedules an `add_writer` through `call_soon_threadsafe` and waits for
+    the loop's next turn; a writer is still registered for whatever the socket did not
+    take), a publish waits for its PUBACK on one future under `asyncio.timeout` (no
+    extra task per publish), and paho's housekeeping (keepalive) runs every few seconds
+    instead of every second."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, ReasonCode] = {}
+        self._ack_waiters: dict[int, asyncio.Future[None]] = {}
+        self._writing = False
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
     ) -> None:
         self._acks[mid] = reason_code
+        waiter = self._ack_waiters.pop(mid, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho asks for a writer whenever it queued a packet. On the event loop, outside
+        # paho's callbacks and not from inside this very write, write now.
+        if not self._writing and _running_loop() is self._loop:
+            in_callback = client._in_callback_mutex  # paho's own guard for its direct writes
+            if in_callback.acquire(False):
+                in_callback.release()
+                self._writing = True
+                try:
+                    client.loop_write()
+                except OSError as exc:
+                    if not self._disconnected.done():
+                        self._disconnected.set_exception(exc)
+                    return
+                finally:
+                    self._writing = False
+                if not client.want_write():
+                    return
+        super()._on_socket_register_write(client, userdata, sock)
+
+    async def _misc_loop(self) -> None:
+        # paho's keepalive check; PINGREQ is due only after `keepalive_s` without traffic.
+        period = max(1.0, min(_MISC_S, self._client.keepalive / 4))
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(period)
 
     async def publish_acked(self, topic: str, payload: bytes, *, retain: bool, wait_s: float) -> ReasonCode | None:
         """Publish at QoS 1 and return the PUBACK's reason code (None if paho gave none)."""
         info = self._client.publish(topic, payload, 1, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttCodeError(info.rc, "Could not publish message")
-        if not info.is_published():
-            done = asyncio.Event()
-            with self._pending_call(info.mid, done, self._pending_publishes):
-                await self._wait_for(done.wait(), timeout=wait_s)
+        if not info.is_published() and info.mid not in self._acks:
+            waiter = self._loop.create_future()
+            self._ack_waiters[info.mid] = waiter
+            try:
+                async with asyncio.timeout(wait_s):
+                    await waiter
+            except TimeoutError:
+                raise MqttError("Operation timed out") from None
+            finally:
+                self._ack_waiters.pop(info.mid, None)
         return self._acks.pop(info.mid, None)
 
     def sever(self) -> None:
@@ -161,7 +216,9 @@ class Link:
         self._client: _Client | None = None
         self._inflight = 0
         self._publishing: set[asyncio.Task[None]] = set()
+        self._flush_at: asyncio.TimerHandle | None = None
         outbox.on_append = self._wake.set
+        outbox.on_deferred = self._schedule_flush
 
     # -- control ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -171,6 +228,22 @@ class Link:
     def wake(self) -> None:
         """Look at the outbox now (called after appends)."""
         self._wake.set()
+
+    def _schedule_flush(self) -> None:
+        """Deferred outbox bookkeeping is waiting: commit it `bookkeeping_delay_s` from now
+        at the latest (an append commits it sooner)."""
+        if self._flush_at is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop (tests driving the link directly)
+            self.outbox.flush()
+            return
+        self._flush_at = loop.call_later(self.outbox.bookkeeping_delay_s, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        self.outbox.flush()
 
     def sever(self) -> None:
         """Fault injection: cut the live connection abruptly; the broker publishes our
