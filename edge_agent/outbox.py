@@ -31,7 +31,10 @@ held them): a stale bound only makes the sender look once too early, or the age 
 run its DELETE once, after which it is read again.
 
 Lanes, in send priority: event (alarms), ack, status, telemetry; seq order within a
-lane. A message is due when it was never sent, or sent more than `resend_after_s` ago
+lane. A message is due when it was never sent, or sent more than `resend_after_s` x
+2^(attempts - 1) ago (per-message backoff, capped at 16x: a gateway or a simulator
+that is behind is not buried under re-sends of what it already has; a reconnect makes
+every unconfirmed message due at once anyway)
 without a receipt.
 
 Overflow policy: when more than `max_rows` messages are held, or telemetry is older
@@ -72,6 +75,8 @@ log = logging.getLogger(__name__)
 LANES: dict[str, int] = {"event": 0, "ack": 1, "status": 2, "telemetry": 3}
 LANE_NAMES = {v: k for k, v in LANES.items()}
 TELEMETRY = LANES["telemetry"]
+#: Re-sends back off to at most `resend_after_s` x 2**this.
+RESEND_BACKOFF_MAX = 4
 
 WILL_BODY: dict[str, Any] = {"state": "offline", "reason": "connection lost"}
 ONLINE_BODY: dict[str, Any] = {"state": "online"}
@@ -164,9 +169,10 @@ class Outbox:
         #: The seqs of every unsent row when known (`due` found fewer than it was asked
         #: for and nothing was appended, released or reset since), else None.
         self._unsent: set[int] | None = None
-        #: Cached earliest sent_ms of a sent, unconfirmed row (None: none), if known.
-        self._oldest_sent: int | None = None
-        self._oldest_known = False
+        self._resend_ms = int(self.resend_after_s * 1000)
+        #: Cached earliest resend time of a sent, unconfirmed row (None: none), if known.
+        self._next_resend: int | None = None
+        self._resend_known = False
         path = Path(self.path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,7 +314,7 @@ class Outbox:
         self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
         self._meta_next_seq = int(self._meta("next_seq") or 1)
         self._unsent = None
-        self._oldest_known = self._created_known = False
+        self._resend_known = self._created_known = False
 
     def _enforce_bounds(self, now_ms: int) -> int:
         """Inside the append transaction: drop the oldest telemetry past the bounds."""
@@ -343,7 +349,7 @@ class Outbox:
                 )
         if dropped:
             self._set_meta("dropped", self._dropped + dropped)
-            self._oldest_known = False
+            self._resend_known = False
         return dropped
 
     # -- sending --------------------------------------------------------------
@@ -370,11 +376,12 @@ class Outbox:
             # of this index scan, which stops after `limit` matches.
             found += self._db.execute(
                 "SELECT seq, lane, kind, data, created_ms, attempts, retain FROM outbox INDEXED BY outbox_lane_seq "
-                "WHERE sent_ms <= ? AND held = 0 ORDER BY lane, seq LIMIT ?",
-                (now_ms - int(self.resend_after_s * 1000), limit),
+                "WHERE sent_ms <= ? AND held = 0 AND sent_ms + ? * (1 << min(attempts - 1, ?)) <= ? "
+                "ORDER BY lane, seq LIMIT ?",
+                (now_ms - self._resend_ms, self._resend_ms, RESEND_BACKOFF_MAX, now_ms, limit),
             ).fetchall()
             found.sort(key=lambda r: (r[1], r[0]))
-            self._oldest_known = False
+            self._resend_known = False
         return [
             Row(seq, kind, data, created, attempts, bool(retain) and seq == self._last_retained)
             for seq, _lane, kind, data, created, attempts, retain in found[:limit]
@@ -392,25 +399,29 @@ class Outbox:
             self._unsent.difference_update(seq for _, seq in batch)
         # (`due` forgot the cached time when it handed out re-sends: their older sent_ms
         # may have been the earliest.)
-        if self._oldest_known and (self._oldest_sent is None or now_ms < self._oldest_sent):
-            self._oldest_sent = now_ms
+        # A lower bound: re-sent rows back off further than this.
+        at = now_ms + self._resend_ms
+        if self._resend_known and (self._next_resend is None or at < self._next_resend):
+            self._next_resend = at
 
     def reset_sent(self) -> int:
         """Make every unconfirmed message due now (after a reconnect)."""
         with self._bookkeeping():
             n = self._db.execute("UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL").rowcount
         self._unsent = None
-        self._oldest_sent, self._oldest_known = None, True
+        self._next_resend, self._resend_known = None, True
         return n
 
     def next_resend_ms(self) -> int | None:
         """When the earliest sent-but-unconfirmed message becomes due again."""
-        if not self._oldest_known:
-            row = self._db.execute("SELECT MIN(sent_ms) FROM outbox").fetchone()
-            self._oldest_sent = None if row[0] is None else int(row[0])
-            self._oldest_known = True
-        oldest = self._oldest_sent
-        return None if oldest is None else oldest + int(self.resend_after_s * 1000)
+        if not self._resend_known:
+            row = self._db.execute(
+                "SELECT MIN(sent_ms + ? * (1 << min(attempts - 1, ?))) FROM outbox WHERE sent_ms IS NOT NULL",
+                (self._resend_ms, RESEND_BACKOFF_MAX),
+            ).fetchone()
+            self._next_resend = None if row[0] is None else int(row[0])
+            self._resend_known = True
+        return self._next_resend
 
     def confirm(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete exactly the seqs a verified receipt lists; return how many were held."""
@@ -423,7 +434,7 @@ class Outbox:
         if deleted:
             # The cached earliest times stay lower bounds; an empty outbox has none.
             if self._rows - deleted == 0:
-                self._oldest_sent, self._oldest_known = None, True
+                self._next_resend, self._resend_known = None, True
                 self._oldest_created, self._created_known = None, True
             if self._unsent:
                 self._unsent = {s for s in self._unsent if not any(lo <= s <= hi for lo, hi in ranges)}
@@ -465,7 +476,7 @@ class Outbox:
             seqs = [r[0] for r in self._db.execute("SELECT seq FROM outbox WHERE held != 0 ORDER BY seq")]
             self._db.execute("UPDATE outbox SET held = 0, sent_ms = NULL WHERE held != 0")
         self._unsent = None
-        self._oldest_known = False
+        self._resend_known = False
         return seqs
 
     # -- looking --------------------------------------------------------------
