@@ -76,6 +76,7 @@ class Agent:
             max_age_s=settings.max_age_s,
             resend_after_s=settings.resend_after_s,
             sync=settings.sync,
+            bookkeeping_delay_s=settings.bookkeeping_delay_s,
         )
         self.link = Link(
             settings,

@@ -11,8 +11,10 @@ One connection at a time, each an `async with` block (aiomqtt 2.x over paho-mqtt
 2. On connect: every unconfirmed message becomes due again (alarms first), the link
    subscribes to its own `down/#` at QoS 1, and the prepared online status is released
    to go out retained through the outbox (it has a seq and gets a receipt).
-3. While connected: a sender publishes due rows with up to `inflight` PUBACKs
-   outstanding, woken by appends and by the resend timer; a receiver verifies every
+3. While connected: each appended row is published at once (with up to `inflight`
+   PUBACKs outstanding; PUBACKs are counted in paho's callback), and a sender task
+   publishes what that leaves (backlog, full window, re-sends falling due, PUBACKs
+   overdue past `publish_timeout_s` counted as failures); a receiver verifies every
    downlink against the gateway's certificate and deletes receipted seqs from the
    outbox. A PUBACK never deletes anything; a PUBACK with a failure reason code (e.g.
    135 not authorized) is counted and logged and the message stays for a resend.
@@ -46,7 +48,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from certs.registry import KeyRegistry
 from edge_agent.drivers import Clock
-from edge_agent.outbox import Outbox, Row
+from edge_agent.outbox import Outbox
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.errors import Rejected, TopicMismatch
@@ -62,6 +64,8 @@ GATEWAY_ROLES = frozenset({Role.GATEWAY})
 _STABLE_S = 10.0
 #: How long a graceful stop waits for outstanding PUBACKs before giving up on them.
 _DRAIN_S = 2.0
+#: Longest period of paho's housekeeping (keepalive) loop; a quarter of keepalive if shorter.
+_MISC_S = 5.0
 
 
 def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) -> Message:
@@ -70,6 +74,14 @@ def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) ->
     if parsed.direction != "down" or parsed.sender != recipient:
         raise TopicMismatch(f"{topic!r} is not a downlink for {recipient!r}")
     return verify_message(topic, data, keys, GATEWAY_ROLES)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    """The event loop of this thread, if it runs one (paho connects from an executor thread)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def backoff_delay(attempt: int, low_s: float, high_s: float, rng: random.Random) -> float:
@@ -116,27 +128,79 @@ def _reraise_swallowed_cancel() -> None:
 
 class _Client(aiomqtt.Client):
     """aiomqtt's client plus what 2.x does not expose: the PUBACK reason code of each
-    publish, and cutting the connection without a DISCONNECT (so the will fires)."""
+    publish, and cutting the connection without a DISCONNECT (so the will fires).
+
+    It also does less per message than aiomqtt does, which matters when one process runs
+    thousands of agents: a publish made on the event loop is written to the socket at
+    once (aiomqtt schedules an `add_writer` through `call_soon_threadsafe` and waits for
+    the loop's next turn; a writer is still registered for whatever the socket did not
+    take), a publish waits for its PUBACK on one future under `asyncio.timeout` (no
+    extra task per publish), and paho's housekeeping (keepalive) runs every few seconds
+    instead of every second."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acks: dict[int, ReasonCode] = {}
+        self._ack_waiters: dict[int, asyncio.Future[None]] = {}
+        self._writing = False
+        #: Called with (mid, reason code) for each PUBACK of a `publish_nowait`.
+        self.on_ack: Callable[[int, ReasonCode], bool] | None = None
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
     ) -> None:
-        self._acks[mid] = reason_code
+        if self.on_ack is None or not self.on_ack(mid, reason_code):
+            self._acks[mid] = reason_code
+            waiter = self._ack_waiters.pop(mid, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
         super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho asks for a writer whenever it queued a packet. On the event loop, outside
+        # paho's callbacks and not from inside this very write, write now.
+        if not self._writing and _running_loop() is self._loop:
+            in_callback = client._in_callback_mutex  # paho's own guard for its direct writes
+            if in_callback.acquire(False):
+                in_callback.release()
+                self._writing = True
+                try:
+                    client.loop_write()
+                except OSError as exc:
+                    if not self._disconnected.done():
+                        self._disconnected.set_exception(exc)
+                    return
+                finally:
+                    self._writing = False
+                if not client.want_write():
+                    return
+        super()._on_socket_register_write(client, userdata, sock)
+
+    async def _misc_loop(self) -> None:
+        # paho's keepalive check; PINGREQ is due only after `keepalive_s` without traffic.
+        period = max(1.0, min(_MISC_S, self._client.keepalive / 4))
+        while self._client.loop_misc() == paho.MQTT_ERR_SUCCESS:  # noqa: ASYNC110
+            await asyncio.sleep(period)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, retain: bool) -> paho.MQTTMessageInfo:
+        """Queue (and, on the event loop, write) a QoS 1 publish; its PUBACK goes to `on_ack`."""
+        return self._client.publish(topic, payload, 1, retain)
 
     async def publish_acked(self, topic: str, payload: bytes, *, retain: bool, wait_s: float) -> ReasonCode | None:
         """Publish at QoS 1 and return the PUBACK's reason code (None if paho gave none)."""
         info = self._client.publish(topic, payload, 1, retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise MqttCodeError(info.rc, "Could not publish message")
-        if not info.is_published():
-            done = asyncio.Event()
-            with self._pending_call(info.mid, done, self._pending_publishes):
-                await self._wait_for(done.wait(), timeout=wait_s)
+        if not info.is_published() and info.mid not in self._acks:
+            waiter = self._loop.create_future()
+            self._ack_waiters[info.mid] = waiter
+            try:
+                async with asyncio.timeout(wait_s):
+                    await waiter
+            except TimeoutError:
+                raise MqttError("Operation timed out") from None
+            finally:
+                self._ack_waiters.pop(info.mid, None)
         return self._acks.pop(info.mid, None)
 
     def sever(self) -> None:
@@ -172,11 +236,16 @@ class Link:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._client: _Client | None = None
-        self._inflight = 0
-        self._publishing: set[asyncio.Task[None]] = set()
+        #: The connection the sender publishes on, while a session is up.
+        self._sending: _Client | None = None
+        #: Publishes awaiting their PUBACK: mid -> (seq, topic, monotonic deadline), in send order.
+        self._outstanding: dict[int, tuple[int, str, float]] = {}
+        self._topics = {kind: str(Topic.up(self.id, kind)) for kind in ("event", "ack", "status", "telemetry")}
+        self._flush_at: asyncio.TimerHandle | None = None
+        outbox.on_append = self._on_append
+        outbox.on_deferred = self._schedule_flush
         #: Called with each verified alert (the agent answers it).
         self.on_alert: Callable[[Message], None] | None = None
-        outbox.on_append = self._wake.set
 
     # -- control ----------------------------------------------------------------
     def request_stop(self) -> None:
@@ -186,6 +255,22 @@ class Link:
     def wake(self) -> None:
         """Look at the outbox now (called after appends)."""
         self._wake.set()
+
+    def _schedule_flush(self) -> None:
+        """Deferred outbox bookkeeping is waiting: commit it `bookkeeping_delay_s` from now
+        at the latest (an append commits it sooner)."""
+        if self._flush_at is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on the event loop (tests driving the link directly)
+            self.outbox.flush()
+            return
+        self._flush_at = loop.call_later(self.outbox.bookkeeping_delay_s, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_at = None
+        self.outbox.flush()
 
     def sever(self) -> None:
         """Fault injection: cut the live connection abruptly; the broker publishes our
@@ -265,11 +350,12 @@ class Link:
             timeout=10,
         )
         client.pending_calls_threshold = self.settings.inflight + 16
+        client.on_ack = self._on_ack
         return client
 
     async def _session(self, client: _Client, presence: _Presence) -> None:
         """One connection's life: runs until the connection fails (raises) or stop."""
-        self._inflight = 0
+        self._outstanding.clear()
         resent = self.outbox.reset_sent()
         if resent:
             log.info("%s re-sending %d unconfirmed messages", self.id, resent)
@@ -281,71 +367,117 @@ class Link:
             )
         self.outbox.release(presence.online_seq)
         self._wake.set()
-        async with asyncio.TaskGroup() as tg:
-            receiver = tg.create_task(self._receiver(client), name=f"{self.id}-receive")
-            sender = tg.create_task(self._sender(client, tg), name=f"{self.id}-send")
-            await self._stop.wait()
-            sender.cancel()
-            await self._drain()
-            await self._publish_will(client, presence)
-            receiver.cancel()
-            for task in list(self._publishing):
-                task.cancel()
+        try:
+            async with asyncio.TaskGroup() as tg:
+                receiver = tg.create_task(self._receiver(client), name=f"{self.id}-receive")
+                sender = tg.create_task(self._sender(client), name=f"{self.id}-send")
+                await self._stop.wait()
+                sender.cancel()
+                self._sending = None
+                await self._drain()
+                await self._publish_will(client, presence)
+                receiver.cancel()
+        finally:
+            self._sending = None
+            self._outstanding.clear()
 
     async def _drain(self) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_DRAIN_S):
-                while self._publishing:
-                    await asyncio.wait(set(self._publishing))
+        """Graceful stop: give outstanding PUBACKs a moment to arrive."""
+        deadline = time.monotonic() + _DRAIN_S
+        while self._outstanding and time.monotonic() < deadline:  # noqa: ASYNC110 - PUBACKs come in paho callbacks
+            await asyncio.sleep(0.02)
 
     async def _publish_will(self, client: _Client, presence: _Presence) -> None:
         """Graceful stop: say offline with the will's own signed bytes and seq."""
         seq, data = presence.will_seq, presence.will_data
-        rc = await client.publish_acked(str(Topic.up(self.id, "status")), data, retain=True, wait_s=5.0)
+        rc = await client.publish_acked(self._topics["status"], data, retain=True, wait_s=5.0)
         self.outbox.release_will()
         self.outbox.mark_sent([seq], self._clock.now_ms())
         log.info("%s published offline status (seq %d, %s)", self.id, seq, rc)
 
     # -- sending ------------------------------------------------------------------
-    async def _sender(self, client: _Client, tg: asyncio.TaskGroup) -> None:
-        window = self.settings.inflight
+    # A message goes out as soon as it is appended (`_on_append` publishes it there and
+    # then when the connection is up and the window has room), and its PUBACK is
+    # counted in paho's callback (`_on_ack`): no task and no timer per message. The
+    # sender task wakes only for what that leaves: the backlog after a reconnect or a
+    # full window, re-sends that fall due, and PUBACKs overdue past publish_timeout_s.
+
+    def _on_append(self) -> None:
+        if self._sending is not None:
+            self._send_due()
+        else:
+            self._wake.set()
+
+    def _send_due(self) -> int:
+        """Publish what is due now, up to the window; returns how many rows went out."""
+        client = self._sending
+        if client is None:
+            return 0
+        now = self._clock.now_ms()
+        rows = self.outbox.due(now, self.settings.inflight - len(self._outstanding))
+        if not rows:
+            return 0
+        self.outbox.mark_sent([r.seq for r in rows], now)
+        deadline = time.monotonic() + self.settings.publish_timeout_s
+        for row in rows:
+            topic = self._topics[row.kind]
+            info = client.publish_nowait(topic, row.data, retain=row.retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                # The connection is going; the receiver sees it and the row is re-sent.
+                reason = str(MqttCodeError(info.rc, "Could not publish message"))
+                self.stats.publish_failures[reason] += 1
+                log.debug("%s publish of seq %d failed: %s", self.id, row.seq, reason)
+                continue
+            self._outstanding[info.mid] = (row.seq, topic, deadline)
+        return len(rows)
+
+    def _on_ack(self, mid: int, rc: ReasonCode) -> bool:
+        """A PUBACK (in paho's callback, on the event loop); False if not one of ours."""
+        entry = self._outstanding.pop(mid, None)
+        if entry is None:
+            return False
+        seq, topic, _ = entry
+        if rc.is_failure:
+            self.stats.publish_failures[str(rc)] += 1
+            log.warning("%s: broker refused seq %d on %s: %s (%d)", self.id, seq, topic, rc, rc.value)
+        else:
+            self.stats.published += 1
+        if len(self._outstanding) + 1 >= self.settings.inflight:
+            self._wake.set()  # the window was full: the sender has more to send
+        return True
+
+    def _expire(self) -> float | None:
+        """Count PUBACKs overdue as failures (their rows are re-sent); returns the
+        monotonic time the next one falls due."""
+        now = time.monotonic()
+        while self._outstanding:
+            mid, (seq, _topic, deadline) = next(iter(self._outstanding.items()))
+            if deadline > now:
+                return deadline
+            del self._outstanding[mid]
+            self.stats.publish_failures["Operation timed out"] += 1
+            log.debug("%s publish of seq %d failed: no PUBACK within %g s", self.id, seq,
+                      self.settings.publish_timeout_s)
+        return None
+
+    async def _sender(self, client: _Client) -> None:
+        self._sending = client
         while True:
             self._wake.clear()
-            now = self._clock.now_ms()
-            rows = self.outbox.due(now, window - self._inflight)
-            if rows:
-                self.outbox.mark_sent([r.seq for r in rows], now)
-                for row in rows:
-                    self._inflight += 1
-                    task = tg.create_task(self._publish(client, row), name=f"{self.id}-publish-{row.seq}")
-                    self._publishing.add(task)
-                    task.add_done_callback(self._publishing.discard)
+            next_deadline = self._expire()
+            if self._send_due():
                 continue
+            now = self._clock.now_ms()
             timeout: float | None = None
             resend_at = self.outbox.next_resend_ms()
             if resend_at is not None:
                 timeout = max(0.05, (resend_at - now) / 1000.0)
+            if next_deadline is not None:
+                until = max(0.05, next_deadline - time.monotonic())
+                timeout = until if timeout is None else min(timeout, until)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
-
-    async def _publish(self, client: _Client, row: Row) -> None:
-        topic = str(Topic.up(self.id, row.kind))
-        try:
-            rc = await client.publish_acked(topic, row.data, retain=row.retain, wait_s=self.settings.publish_timeout_s)
-        except MqttError as exc:
-            # The connection is going; the receiver sees it and the row is re-sent.
-            self.stats.publish_failures[str(exc)] += 1
-            log.debug("%s publish of seq %d failed: %s", self.id, row.seq, exc)
-        else:
-            if rc is not None and rc.is_failure:
-                self.stats.publish_failures[str(rc)] += 1
-                log.warning("%s: broker refused seq %d on %s: %s (%d)", self.id, row.seq, topic, rc, rc.value)
-            else:
-                self.stats.published += 1
-        finally:
-            self._inflight -= 1
-            self._wake.set()
 
     # -- receiving ----------------------------------------------------------------
     async def _receiver(self, client: _Client) -> None:

@@ -1,9 +1,11 @@
 """The durable outbox: every message is signed and committed to SQLite before anything
 sends it, and it leaves only when the gateway's signed receipt lists its seq.
 
-Sequence numbers: one counter per sender in the `meta` table, starting at 1, +1 per
-message across all kinds, committed in the same transaction as the message, so it
-survives restarts and the deletion of confirmed rows.
+Sequence numbers: one counter per sender, starting at 1, +1 per message across all
+kinds. A seq ever handed out is in the table (its row is committed with it) or below
+`meta.next_seq`, which is written in the same transaction as any deletion (receipts,
+drops); on open the next seq is the larger of the two. So it survives restarts and the
+deletion of confirmed rows, with one row written per append.
 
 Durability: WAL journal. With `sync="full"` (the default) every append is fsynced
 before it returns: an alarm survives a power cut, and a seq that may already have been
@@ -12,8 +14,27 @@ replay). Measured here 0.3-0.5 ms per append, nothing at 1 Hz. Bookkeeping (sent
 confirmations, drops) commits with synchronous=NORMAL: losing it only causes a resend.
 `sync="normal"` (for simulated fleets) survives a process crash but not a power cut.
 
+Deferred bookkeeping (`bookkeeping_delay_s > 0`, what the agent uses): sent marks,
+confirmations and releases are written at once but committed with the next append, or
+by `flush()` (the link calls it at most `bookkeeping_delay_s` later), or at `close()`;
+with `sync="normal"` the append and the bookkeeping before it are one commit. Nothing
+an append commits is ever deferred, so the durability of messages and seqs is as above;
+a crash can forget the last second of bookkeeping, which makes the device re-send
+messages the gateway already has (it de-duplicates them) and nothing worse. With 0 every
+call commits on its own.
+
+What is due is known in memory where that is cheap: `due()` runs no query while no
+row can be due (nothing appended, released or reset since it last found the unsent rows
+exhausted, and no resend time reached). The earliest sent time and the earliest
+telemetry creation time are cached as lower bounds (a receipt may delete the row that
+held them): a stale bound only makes the sender look once too early, or the age bound
+run its DELETE once, after which it is read again.
+
 Lanes, in send priority: event (alarms), ack, status, telemetry; seq order within a
-lane. A message is due when it was never sent, or sent more than `resend_after_s` ago
+lane. A message is due when it was never sent, or sent more than `resend_after_s` x
+2^(attempts - 1) ago (per-message backoff, capped at 16x: a gateway or a simulator
+that is behind is not buried under re-sends of what it already has; a reconnect makes
+every unconfirmed message due at once anyway)
 without a receipt.
 
 Overflow policy: when more than `max_rows` messages are held, or telemetry is older
@@ -54,6 +75,8 @@ log = logging.getLogger(__name__)
 LANES: dict[str, int] = {"event": 0, "ack": 1, "status": 2, "telemetry": 3}
 LANE_NAMES = {v: k for k, v in LANES.items()}
 TELEMETRY = LANES["telemetry"]
+#: Re-sends back off to at most `resend_after_s` x 2**this.
+RESEND_BACKOFF_MAX = 4
 
 WILL_BODY: dict[str, Any] = {"state": "offline", "reason": "connection lost"}
 ONLINE_BODY: dict[str, Any] = {"state": "online"}
@@ -74,9 +97,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     retain INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS outbox_lane_seq ON outbox (lane, seq);
-CREATE INDEX IF NOT EXISTS outbox_lane_created ON outbox (lane, created_ms);
-CREATE INDEX IF NOT EXISTS outbox_sent ON outbox (sent_ms);
 CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (lane, seq) WHERE sent_ms IS NULL AND held = 0;
+-- Every index is one more page written per commit; the earliest sent and created times
+-- these served are kept in memory now (see `Outbox`).
+DROP INDEX IF EXISTS outbox_lane_created;
+DROP INDEX IF EXISTS outbox_sent;
 """
 
 
@@ -124,14 +149,30 @@ class Outbox:
     max_age_s: float = 86_400.0
     resend_after_s: float = 10.0
     sync: Literal["full", "normal"] = "full"
+    #: Commit bookkeeping with the next append or within this long (0: at once).
+    bookkeeping_delay_s: float = 0.0
     #: Called after each append (the link sets it to wake its sender).
     on_append: Callable[[], None] | None = None
+    #: Called when deferred bookkeeping starts waiting for a commit (the link schedules
+    #: `flush()` `bookkeeping_delay_s` later).
+    on_deferred: Callable[[], None] | None = None
     sent: int = field(default=0, init=False)
     confirmed: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.sync not in ("full", "normal"):
             raise ValueError("sync must be 'full' or 'normal'")
+        if self.bookkeeping_delay_s < 0:
+            raise ValueError("bookkeeping_delay_s must be >= 0")
+        #: A deferred bookkeeping transaction is open (not committed yet).
+        self._deferred = False
+        #: The seqs of every unsent row when known (`due` found fewer than it was asked
+        #: for and nothing was appended, released or reset since), else None.
+        self._unsent: set[int] | None = None
+        self._resend_ms = int(self.resend_after_s * 1000)
+        #: Cached earliest resend time of a sent, unconfirmed row (None: none), if known.
+        self._next_resend: int | None = None
+        self._resend_known = False
         path = Path(self.path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +190,12 @@ class Outbox:
         if owner is not None and owner != self.sender:
             self._db.close()
             raise OutboxError(f"outbox {path} belongs to {owner!r}, not {self.sender!r}")
-        self._next_seq = int(self._meta("next_seq") or 1)
+        top = self._db.execute("SELECT MAX(seq) FROM outbox").fetchone()[0]
+        self._next_seq = max(int(self._meta("next_seq") or 1), int(top or 0) + 1)
+        self._meta_next_seq = int(self._meta("next_seq") or 1)
+        #: Lower bound of the creation time of the oldest telemetry row (None: none), if known.
+        self._oldest_created: int | None = None
+        self._created_known = False
         self._dropped = int(self._meta("dropped") or 0)
         self._last_retained = int(self._meta("last_retained") or 0)
         self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
@@ -160,7 +206,34 @@ class Outbox:
         return self.signer.kid
 
     def _tx(self, *, durable: bool = False) -> _Transaction:
-        return _Transaction(self._db, durable=durable and self.sync == "full")
+        """A transaction for an append: it also commits deferred bookkeeping (first, on its
+        own, when the append is fsynced: SQLite cannot change `synchronous` inside one)."""
+        durable = durable and self.sync == "full"
+        joined = False
+        if self._deferred:
+            self._deferred = False
+            if durable:
+                self._db.execute("COMMIT")
+            else:
+                joined = True
+        return _Transaction(self._db, durable=durable, begun=joined)
+
+    def _bookkeeping(self) -> _Transaction | _Deferred:
+        """A transaction for bookkeeping: committed now, or deferred (see the module doc)."""
+        if self.bookkeeping_delay_s <= 0:
+            return _Transaction(self._db, durable=False)
+        if not self._deferred:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._deferred = True
+            if self.on_deferred is not None:
+                self.on_deferred()
+        return _DEFERRED
+
+    def flush(self) -> None:
+        """Commit deferred bookkeeping now (a no-op if there is none)."""
+        if self._deferred:
+            self._deferred = False
+            self._db.execute("COMMIT")
 
     def _meta(self, key: str) -> Any:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -170,7 +243,10 @@ class Outbox:
         self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.flush()
+        finally:
+            self._db.close()
 
     def __enter__(self) -> Self:
         return self
@@ -193,17 +269,25 @@ class Outbox:
         data = seal(Message(self.sender, seq, now_ms, kind, body), self.signer)
         if len(data) > MAX_ENVELOPE_BYTES:
             raise ValueError(f"{kind} message of {len(data)} bytes exceeds {MAX_ENVELOPE_BYTES}")
-        with self._tx(durable=True):
-            self._db.execute(
-                "INSERT INTO outbox (seq, lane, kind, data, created_ms, held, retain) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seq, lane, kind, data, now_ms, held, int(retain)),
-            )
-            self._set_meta("next_seq", seq + 1)
-            if retain:
-                self._set_meta("last_retained", seq)
-            dropped = self._enforce_bounds(now_ms)
+        try:
+            with self._tx(durable=True):
+                self._db.execute(
+                    "INSERT INTO outbox (seq, lane, kind, data, created_ms, held, retain) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (seq, lane, kind, data, now_ms, held, int(retain)),
+                )
+                if retain:
+                    self._set_meta("last_retained", seq)
+                dropped = self._enforce_bounds(now_ms)
+        except sqlite3.Error:
+            self._resync()  # a rollback may have taken deferred bookkeeping with it
+            raise
         self._next_seq = seq + 1
         self._rows += 1 - dropped
+        if held == _PENDING:
+            self._unsent = None
+        oldest = self._oldest_created
+        if lane == TELEMETRY and held == _PENDING and self._created_known and (oldest is None or now_ms < oldest):
+            self._oldest_created = now_ms
         if retain:
             self._last_retained = seq
         if dropped:
@@ -219,19 +303,44 @@ class Outbox:
             self.on_append()
         return seq
 
+    def _save_next_seq(self, next_seq: int) -> None:
+        """Before deleting rows (in the same transaction): the seqs they held stay used."""
+        if self._meta_next_seq != next_seq:
+            self._set_meta("next_seq", next_seq)
+            self._meta_next_seq = next_seq
+
+    def _resync(self) -> None:
+        """Forget what memory knows about the table after a failed transaction."""
+        self._rows = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._meta_next_seq = int(self._meta("next_seq") or 1)
+        self._unsent = None
+        self._resend_known = self._created_known = False
+
     def _enforce_bounds(self, now_ms: int) -> int:
         """Inside the append transaction: drop the oldest telemetry past the bounds."""
         cutoff = now_ms - int(self.max_age_s * 1000)
-        dropped = self._db.execute(
-            "DELETE FROM outbox WHERE lane = ? AND created_ms < ? AND held = 0", (TELEMETRY, cutoff)
-        ).rowcount
+        if not self._created_known:
+            row = self._db.execute(
+                "SELECT MIN(created_ms) FROM outbox INDEXED BY outbox_lane_seq WHERE lane = ? AND held = 0",
+                (TELEMETRY,),
+            ).fetchone()
+            self._oldest_created, self._created_known = (None if row[0] is None else int(row[0])), True
+        dropped = 0
+        if self._oldest_created is not None and self._oldest_created < cutoff:
+            self._save_next_seq(self._next_seq + 1)  # the row being appended may go too
+            dropped = self._db.execute(
+                "DELETE FROM outbox WHERE lane = ? AND created_ms < ? AND held = 0", (TELEMETRY, cutoff)
+            ).rowcount
+            self._created_known = False
         over = self._rows + 1 - dropped - self.max_rows
         if over > 0:
+            self._save_next_seq(self._next_seq + 1)
             dropped += self._db.execute(
                 "DELETE FROM outbox WHERE seq IN "
                 "(SELECT seq FROM outbox WHERE lane = ? AND held = 0 ORDER BY seq LIMIT ?)",
                 (TELEMETRY, over),
             ).rowcount
+            self._created_known = False
             if self._rows + 1 - dropped > self.max_rows:
                 log.warning(
                     "outbox holds %d messages (max %d) and no telemetry is left to drop; alarms are kept",
@@ -240,6 +349,7 @@ class Outbox:
                 )
         if dropped:
             self._set_meta("dropped", self._dropped + dropped)
+            self._resend_known = False
         return dropped
 
     # -- sending --------------------------------------------------------------
@@ -247,21 +357,31 @@ class Outbox:
         """Up to `limit` messages to (re)send now, alarms first, seq order per lane."""
         if limit <= 0:
             return []
-        found = self._db.execute(
-            "SELECT seq, lane, kind, data, created_ms, attempts, retain FROM outbox INDEXED BY outbox_unsent "
-            "WHERE sent_ms IS NULL AND held = 0 ORDER BY lane, seq LIMIT ?",
-            (limit,),
-        ).fetchall()
         resend_at = self.next_resend_ms()
-        if resend_at is not None and resend_at <= now_ms:
+        resend = resend_at is not None and resend_at <= now_ms
+        unsent = self._unsent
+        if unsent is not None and not unsent and not resend:
+            return []
+        found: list[Any] = []
+        if unsent is None or unsent:
+            found = self._db.execute(
+                "SELECT seq, lane, kind, data, created_ms, attempts, retain FROM outbox INDEXED BY outbox_unsent "
+                "WHERE sent_ms IS NULL AND held = 0 ORDER BY lane, seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+            # Fewer than asked for: that was every unsent row (until something changes).
+            self._unsent = {r[0] for r in found} if len(found) < limit else None
+        if resend:
             # Sent rows go out roughly in seq order, so due resends sit near the front
             # of this index scan, which stops after `limit` matches.
             found += self._db.execute(
                 "SELECT seq, lane, kind, data, created_ms, attempts, retain FROM outbox INDEXED BY outbox_lane_seq "
-                "WHERE sent_ms <= ? AND held = 0 ORDER BY lane, seq LIMIT ?",
-                (now_ms - int(self.resend_after_s * 1000), limit),
+                "WHERE sent_ms <= ? AND held = 0 AND sent_ms + ? * (1 << min(attempts - 1, ?)) <= ? "
+                "ORDER BY lane, seq LIMIT ?",
+                (now_ms - self._resend_ms, self._resend_ms, RESEND_BACKOFF_MAX, now_ms, limit),
             ).fetchall()
             found.sort(key=lambda r: (r[1], r[0]))
+            self._resend_known = False
         return [
             Row(seq, kind, data, created, attempts, bool(retain) and seq == self._last_retained)
             for seq, _lane, kind, data, created, attempts, retain in found[:limit]
@@ -270,26 +390,54 @@ class Outbox:
     def mark_sent(self, seqs: Iterable[int], now_ms: int) -> None:
         """Record that these messages went out (a PUBACK is not a receipt)."""
         batch = [(now_ms, s) for s in seqs]
-        with self._tx():
+        if not batch:
+            return
+        with self._bookkeeping():
             self._db.executemany("UPDATE outbox SET sent_ms = ?, attempts = attempts + 1 WHERE seq = ?", batch)
         self.sent += len(batch)
+        if self._unsent:
+            self._unsent.difference_update(seq for _, seq in batch)
+        # (`due` forgot the cached time when it handed out re-sends: their older sent_ms
+        # may have been the earliest.)
+        # A lower bound: re-sent rows back off further than this.
+        at = now_ms + self._resend_ms
+        if self._resend_known and (self._next_resend is None or at < self._next_resend):
+            self._next_resend = at
 
     def reset_sent(self) -> int:
         """Make every unconfirmed message due now (after a reconnect)."""
-        with self._tx():
-            return self._db.execute("UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL").rowcount
+        with self._bookkeeping():
+            n = self._db.execute("UPDATE outbox SET sent_ms = NULL WHERE sent_ms IS NOT NULL").rowcount
+        self._unsent = None
+        self._next_resend, self._resend_known = None, True
+        return n
 
     def next_resend_ms(self) -> int | None:
         """When the earliest sent-but-unconfirmed message becomes due again."""
-        row = self._db.execute("SELECT MIN(sent_ms) FROM outbox").fetchone()
-        return None if row[0] is None else int(row[0]) + int(self.resend_after_s * 1000)
+        if not self._resend_known:
+            row = self._db.execute(
+                "SELECT MIN(sent_ms + ? * (1 << min(attempts - 1, ?))) FROM outbox WHERE sent_ms IS NOT NULL",
+                (self._resend_ms, RESEND_BACKOFF_MAX),
+            ).fetchone()
+            self._next_resend = None if row[0] is None else int(row[0])
+            self._resend_known = True
+        return self._next_resend
 
     def confirm(self, ranges: Iterable[tuple[int, int]]) -> int:
         """Delete exactly the seqs a verified receipt lists; return how many were held."""
+        ranges = list(ranges)
         deleted = 0
-        with self._tx():
+        with self._bookkeeping():
+            self._save_next_seq(self._next_seq)
             for lo, hi in ranges:
                 deleted += self._db.execute("DELETE FROM outbox WHERE seq BETWEEN ? AND ?", (lo, hi)).rowcount
+        if deleted:
+            # The cached earliest times stay lower bounds; an empty outbox has none.
+            if self._rows - deleted == 0:
+                self._next_resend, self._resend_known = None, True
+                self._oldest_created, self._created_known = None, True
+            if self._unsent:
+                self._unsent = {s for s in self._unsent if not any(lo <= s <= hi for lo, hi in ranges)}
         self._rows -= deleted
         self.confirmed += deleted
         return deleted
@@ -316,15 +464,19 @@ class Outbox:
 
     def release(self, seq: int) -> bool:
         """Make one held row (the online status of a connection now up) pending."""
-        with self._tx():
-            return self._db.execute("UPDATE outbox SET held = 0 WHERE seq = ? AND held != 0", (seq,)).rowcount == 1
+        with self._bookkeeping():
+            released = self._db.execute("UPDATE outbox SET held = 0 WHERE seq = ? AND held != 0", (seq,)).rowcount
+        self._unsent = None
+        return released == 1
 
     def release_will(self) -> list[int]:
         """Make every held row (wills, and online statuses whose connection never came
         up) an ordinary pending message; return their seqs."""
-        with self._tx():
+        with self._bookkeeping():
             seqs = [r[0] for r in self._db.execute("SELECT seq FROM outbox WHERE held != 0 ORDER BY seq")]
             self._db.execute("UPDATE outbox SET held = 0, sent_ms = NULL WHERE held != 0")
+        self._unsent = None
+        self._resend_known = False
         return seqs
 
     # -- looking --------------------------------------------------------------
@@ -355,15 +507,32 @@ class Outbox:
         return self._next_seq
 
 
-class _Transaction:
-    """`BEGIN IMMEDIATE` ... `COMMIT` (or `ROLLBACK` on error); `durable` commits with
-    synchronous=FULL."""
-
-    def __init__(self, db: sqlite3.Connection, *, durable: bool) -> None:
-        self._db = db
-        self._durable = durable
+class _Deferred:
+    """Bookkeeping inside the open deferred transaction: committed later, by `flush()` or
+    with the next append. An error leaves what was written uncommitted with the rest."""
 
     def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+_DEFERRED = _Deferred()
+
+
+class _Transaction:
+    """`BEGIN IMMEDIATE` ... `COMMIT` (or `ROLLBACK` on error); `durable` commits with
+    synchronous=FULL; `begun` joins a transaction already open (deferred bookkeeping)."""
+
+    def __init__(self, db: sqlite3.Connection, *, durable: bool, begun: bool = False) -> None:
+        self._db = db
+        self._durable = durable
+        self._begun = begun
+
+    def __enter__(self) -> None:
+        if self._begun:
+            return
         if self._durable:
             self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("BEGIN IMMEDIATE")

@@ -58,6 +58,9 @@ class AgentSettings:
     sync: Literal["full", "normal"] = "full"
     #: Re-send a message not receipted by the gateway after this long.
     resend_after_s: float = 10.0
+    #: Sent marks and receipts are committed with the next append or this long later at
+    #: most (0: each at once). Losing them in a crash only causes re-sends.
+    bookkeeping_delay_s: float = 5.0
     #: Publishes awaiting a PUBACK at once.
     inflight: int = 64
     keepalive_s: int = 30
@@ -88,6 +91,7 @@ class AgentSettings:
             ("max_rows", int),
             ("max_age_s", float),
             ("resend_after_s", float),
+            ("bookkeeping_delay_s", float),
             ("inflight", int),
             ("keepalive_s", int),
             ("session_expiry_s", int),
@@ -115,6 +119,7 @@ class AgentSettings:
         _check(all(t >= 0 for t in self.panic_at_s), "panic_at_s must be >= 0")
         _check(self.max_rows >= 10, "max_rows must be >= 10")
         _check(self.max_age_s > 0 and self.resend_after_s > 0, "max_age_s and resend_after_s must be > 0")
+        _check(0 <= self.bookkeeping_delay_s <= 60, "bookkeeping_delay_s must be in [0, 60]")
         _check(1 <= self.inflight <= 1000, "inflight must be 1-1000")
         _check(5 <= self.keepalive_s <= 300, "keepalive_s must be 5-300 (the broker caps it at 300)")
         _check(self.session_expiry_s >= 0, "session_expiry_s must be >= 0")

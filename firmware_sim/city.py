@@ -25,7 +25,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from edge_agent.wire.geo import LatLon, displacement_m, distance_m, offset
+from edge_agent.wire.geo import EARTH_RADIUS_M, LatLon, displacement_m, distance_m, offset
 
 #: Feature kinds that are streets (everything else is scenery).
 STREET_KINDS = frozenset({"primary", "residential", "service"})
@@ -73,6 +73,9 @@ class Tunnel:
     half_width_m: float = 12.0
     portal_m: float = 25.0
     _cumulative: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    #: (lat_min, lat_max, lon_min, lon_max) padded by more than `half_width_m`: a point
+    #: outside it is not under cover (a quick test before the exact one).
+    _bbox: tuple[float, float, float, float] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.path) < 2:
@@ -81,6 +84,12 @@ class Tunnel:
         for a, b in itertools.pairwise(self.path):
             cum.append(cum[-1] + distance_m(a, b))
         object.__setattr__(self, "_cumulative", tuple(cum))
+        lats, lons = [p[0] for p in self.path], [p[1] for p in self.path]
+        pad_lat = math.degrees(2 * self.half_width_m / EARTH_RADIUS_M)
+        pad_lon = pad_lat / max(0.01, math.cos(math.radians(max(abs(min(lats)), abs(max(lats))))))
+        object.__setattr__(
+            self, "_bbox", (min(lats) - pad_lat, max(lats) + pad_lat, min(lons) - pad_lon, max(lons) + pad_lon)
+        )
 
     @property
     def length_m(self) -> float:
@@ -88,6 +97,9 @@ class Tunnel:
 
     def contains(self, point: LatLon) -> bool:
         """True if `point` is under cover (inside the tunnel, between its portals)."""
+        lat_min, lat_max, lon_min, lon_max = self._bbox
+        if not (lat_min <= point[0] <= lat_max and lon_min <= point[1] <= lon_max):
+            return False
         for i, (a, b) in enumerate(itertools.pairwise(self.path)):
             dist, t = project_to_segment(point, a, b)
             if dist <= self.half_width_m:

@@ -72,6 +72,8 @@ def check(scenario: str, devices: int | None) -> None:
               help="Seconds to wait at the end for every message to be receipted.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Also write the summary as JSON to this file.")
+@click.option("--shard", help="I/K: run only every K-th device from the I-th (0-based), to split a fleet over "
+              "K simulator processes (each with its own --run-dir).")
 def run(
     *,
     scenario: str,
@@ -87,6 +89,7 @@ def run(
     run_dir: Path | None,
     drain_s: float,
     json_path: Path | None,
+    shard: str | None,
 ) -> None:
     """Run SCENARIO (a built-in name from 'bluelight sim list' or a .yaml file).
 
@@ -103,6 +106,11 @@ def run(
     if speed is not None:
         SimClock(speed)  # validates the range with a one-line error
     loaded = load_scenario(scenario, seed=seed, devices=devices, duration_s=duration_s, speed=speed, rate_hz=rate_hz)
+    if shard is not None:
+        index, sep, count = shard.partition("/")
+        if not (sep and index.isdigit() and count.isdigit() and int(count) > 0):
+            raise ConfigError(f"--shard must be I/K, e.g. 0/2, got {shard!r}")
+        loaded = loaded.shard(int(index), int(count))
     options = FleetOptions(
         pki_dir=pki_dir, broker=broker, run_dir=run_dir, gateway_api=gateway_api, truth_path=truth_path,
         drain_s=drain_s,

@@ -139,6 +139,9 @@ def build_kit(
     if unit.gnss is not None:
         # officer_drivers / vehicle_drivers take no rate: set the receiver's epoch period.
         unit.gnss.period_ms = max(1, round(1000 / spec.rate_hz))
+        # Each device its own epoch phase: a fleet's reports spread over the period
+        # instead of arriving in one burst (a separate seed: other draws do not change).
+        unit.gnss.phase_ms = sub_seed(seed, spec.id, "gnss-phase") % unit.gnss.period_ms
     return Kit(spec, unit)
 
 

@@ -523,6 +523,22 @@ class Scenario:
         """Every device: units first, then fixed sensors."""
         return (*self.units, *self.sensors)
 
+    def shard(self, index: int, count: int) -> Scenario:
+        """Every `count`-th device from the `index`-th (0-based): one of `count` simulator
+        processes sharing the fleet. Each shard starts its devices at `connect_rate /
+        count`, so the whole fleet ramps up at the scenario's rate. Only for scenarios
+        without incidents and faults (they name devices and act on the whole city)."""
+        if not 0 <= index < count:
+            raise ConfigError(f"shard must be I/K with 0 <= I < K, got {index}/{count}")
+        if self.incidents or self.faults:
+            raise ConfigError(f"{self.name}: a scenario with incidents or faults cannot be split into shards")
+        return replace(
+            self,
+            units=self.units[index::count],
+            sensors=self.sensors[index::count],
+            agent=replace(self.agent, connect_rate=self.agent.connect_rate / count),
+        )
+
     def unit(self, device_id: str) -> UnitSpec | SensorSpec:
         for spec in self.specs:
             if spec.id == device_id:

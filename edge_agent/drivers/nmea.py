@@ -142,6 +142,7 @@ def _time_ms(text: str) -> int | None:
     return min(round((hours * 3600 + minutes * 60 + seconds) * 1000), DAY_MS - 1)
 
 
+@functools.lru_cache(maxsize=16)
 def _date(text: str) -> dt.date | None:
     if not text:
         return None
@@ -357,14 +358,18 @@ def _has(fix: GnssFix, kind: str) -> bool:
     return kind in _kinds(fix)
 
 
+@functools.lru_cache(maxsize=16)
+def _midnight_ms(date: dt.date) -> int:
+    return int(dt.datetime.combine(date, dt.time(), tzinfo=dt.UTC).timestamp()) * 1000
+
+
 def fix_utc_ms(fix: GnssFix, now_ms: int) -> int | None:
     """UTC ms of the fix: RMC's date + time, or (GGA only) the time on the day that puts it
     nearest `now_ms`."""
     if fix.time_ms is None:
         return None
     if fix.rmc is not None and fix.rmc.date is not None:
-        midnight = dt.datetime.combine(fix.rmc.date, dt.time(), tzinfo=dt.UTC)
-        return int(midnight.timestamp()) * 1000 + fix.time_ms
+        return _midnight_ms(fix.rmc.date) + fix.time_ms
     day = now_ms - now_ms % DAY_MS
     return min((day + k * DAY_MS + fix.time_ms for k in (-1, 0, 1)), key=lambda t: abs(t - now_ms))
 

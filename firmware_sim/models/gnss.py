@@ -26,6 +26,7 @@ Error model (all seeded, all recorded in the truth log):
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import math
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,12 @@ def _dm(value: float, degree_digits: int) -> str:
     if minutes >= 60.0:
         degrees, minutes = degrees + 1, 0.0
     return f"{degrees:0{degree_digits}d}{minutes:09.6f}"
+
+
+@functools.lru_cache(maxsize=64)
+def _ddmmyy(day: int) -> str:
+    """The RMC date field of a UTC day (days since the epoch)."""
+    return (dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(days=day)).strftime("%d%m%y")
 
 
 def _hms(t_ms: int) -> str:
@@ -97,7 +104,7 @@ def format_gga(fix: NmeaFix, talker: str = "GN") -> str:
 def format_rmc(fix: NmeaFix, talker: str = "GN") -> str:
     """An RMC sentence (status A with a position, V without; NMEA 2.3 mode A/N)."""
     has = fix.lat is not None and fix.lon is not None
-    date = dt.datetime.fromtimestamp(fix.t_ms / 1000, tz=dt.UTC).strftime("%d%m%y")
+    date = _ddmmyy(fix.t_ms // 86_400_000)
     fields = [f"{talker}RMC", _hms(fix.t_ms), "A" if has else "V"]
     if has:
         assert fix.lat is not None
@@ -151,6 +158,10 @@ class GnssReceiver(Model):
         self.tunnels = tuple(tunnels)
         self.correlation_s = correlation_s
         self.period_ms = max(1, round(1000 / rate_hz))
+        #: Epochs fall at `phase_ms` past each whole period of UTC (0: on the second, as
+        #: most receivers do). A fleet gives each device its own phase, so that thousands
+        #: of devices do not all report in the same millisecond.
+        self.phase_ms = 0
         self.alt_m = alt_m
         self.geoid_sep_m = geoid_sep_m
         self.talker = talker
@@ -271,6 +282,18 @@ class GnssReceiver(Model):
         else:
             report = NmeaFix(t_ms, None, None, sats=0 if covered else min(sats, 3))
         self.last_report = report
+        if self.truth is not None:
+            self._record_position(t_ms, true, north, east, r68, has_fix=has_fix, covered=covered,
+                                  multipath=multipath, jumped=jumped)
+        lines = [format_gga(report, self.talker), format_rmc(report, self.talker)]
+        if self.corrupt_rate > 0:
+            lines = [self._corrupt(line) if rng.random() < self.corrupt_rate else line for line in lines]
+        return [] if self.dropped(t_ms) else lines
+
+    def _record_position(
+        self, t_ms: int, true: MotionState, north: float, east: float, r68: float, *,
+        has_fix: bool, covered: bool, multipath: bool, jumped: bool,
+    ) -> None:
         self._record(
             t_ms, "position",
             lat=round(true.lat, 7), lon=round(true.lon, 7), heading=round(true.heading, 1),
@@ -279,10 +302,6 @@ class GnssReceiver(Model):
             acc=round(max(0.5, r68 / DEFAULT_UERE_M) * DEFAULT_UERE_M, 2) if has_fix else None,
             multipath=multipath and has_fix, jump=jumped and has_fix, dropout=self.dropped(t_ms),
         )
-        lines = [format_gga(report, self.talker), format_rmc(report, self.talker)]
-        if self.corrupt_rate > 0:
-            lines = [self._corrupt(line) if rng.random() < self.corrupt_rate else line for line in lines]
-        return [] if self.dropped(t_ms) else lines
 
     def _corrupt(self, line: str) -> str:
         """A serial-line error: a flipped character or a truncated line."""
@@ -304,9 +323,11 @@ class GnssReceiver(Model):
     # -- the driver loop --------------------------------------------------------------
 
     async def sentences(self, clock: Clock) -> AsyncGenerator[str, None]:
-        """NMEA lines at each epoch (whole multiples of the period in UTC), on `clock`."""
+        """NMEA lines at each epoch (whole multiples of the period in UTC, plus
+        `phase_ms`), on `clock`."""
         now = self._started(clock)
-        t = -(-now // self.period_ms) * self.period_ms
+        phase = self.phase_ms % self.period_ms
+        t = -(-(now - phase) // self.period_ms) * self.period_ms + phase
         while True:
             behind = clock.now_ms() - t
             if behind > MAX_BEHIND_EPOCHS * self.period_ms:

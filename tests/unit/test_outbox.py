@@ -230,3 +230,55 @@ def test_stats_by_lane(path: Path, signer: KeySigner) -> None:
         stats = ob.stats()
         assert stats.pending == {"event": 1, "ack": 0, "status": 0, "telemetry": 1}
         assert (stats.held, stats.sent, stats.next_seq, stats.total) == (1, 1, 4, 2)
+
+
+def _committed_sent_marks(path: Path) -> list[int]:
+    import sqlite3  # noqa: PLC0415
+
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return [r[0] for r in db.execute("SELECT seq FROM outbox WHERE sent_ms IS NOT NULL ORDER BY seq")]
+    finally:
+        db.close()
+
+
+def test_deferred_bookkeeping_commits_with_the_next_append_or_flush(path: Path, signer: KeySigner) -> None:
+    deferred: list[int] = []
+    with Outbox(path, signer, bookkeeping_delay_s=5.0) as ob:
+        ob.on_deferred = lambda: deferred.append(1)
+        a = ob.append("telemetry", POS, T0)
+        ob.mark_sent([a], T0 + 1)
+        assert deferred == [1]
+        assert _committed_sent_marks(path) == []  # not committed yet, visible to the owner
+        assert ob.due(T0 + 2, 10) == []
+        b = ob.append("telemetry", POS, T0 + 1000)  # one commit for the append and the mark
+        assert _committed_sent_marks(path) == [a]
+        ob.mark_sent([b], T0 + 1001)
+        ob.flush()
+        assert _committed_sent_marks(path) == [a, b]
+        ob.confirm([(a, a)])
+    with Outbox(path, signer) as ob:  # close() committed the receipt
+        assert ob.seqs() == [b]
+
+
+def test_seqs_are_never_reused_after_receipts_and_restarts(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, bookkeeping_delay_s=5.0) as ob:
+        seqs = [ob.append("telemetry", POS, T0 + i) for i in range(5)]
+        ob.confirm([(1, 5)])
+        assert ob.seqs() == []
+    with Outbox(path, signer) as ob:
+        assert ob.next_seq == seqs[-1] + 1
+        ob.append("telemetry", POS, T0 + 9)
+    with Outbox(path, signer) as ob:  # not in meta yet: from the table
+        assert ob.next_seq == seqs[-1] + 2
+
+
+def test_resends_back_off_per_message(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, resend_after_s=10) as ob:
+        a = ob.append("telemetry", POS, T0)
+        ob.mark_sent([a], T0)
+        assert [r.seq for r in ob.due(T0 + 10_000, 10)] == [a]
+        ob.mark_sent([a], T0 + 10_000)  # second attempt: due after 20 s
+        assert ob.due(T0 + 29_999, 10) == []
+        assert [r.seq for r in ob.due(T0 + 30_000, 10)] == [a]
+        assert ob.next_resend_ms() is not None

@@ -341,3 +341,12 @@ def test_sign_csr_refuses_bad_requests(pki: Pki) -> None:
     pki.issue(Role.OFFICER, "officer-1")
     with pytest.raises(PkiError, match="already issued"):
         pki.sign_csr(make_csr("officer-1", new_key()), Role.DEVICE)
+
+
+def test_issue_many_issues_like_issue_with_one_index_write(pki: Pki) -> None:
+    idents = pki.issue_many(Role.DEVICE, ["fleet-1", "fleet-2", "fleet-3"])
+    index = pki.index()
+    for ident, name in zip(idents, ["fleet-1", "fleet-2", "fleet-3"], strict=True):
+        assert index[name]["role"] == Role.DEVICE.value
+        assert pki.require_identity(name).chain == ident.chain
+        assert oct(ident.key.stat().st_mode & 0o777) == "0o600"

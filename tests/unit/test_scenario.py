@@ -273,3 +273,17 @@ def test_patrol_routes_are_reproducible_from_the_seed() -> None:
     assert first == again
     assert first != other
     assert len(set(first.values())) > 10  # units do not all walk the same loop from the same point
+
+
+def test_a_fleet_splits_into_shards_that_cover_it_once() -> None:
+    from firmware_sim.scenario import load_scenario  # noqa: PLC0415
+
+    fleet = load_scenario("fleet-scale", devices=10)
+    shards = [fleet.shard(i, 3) for i in range(3)]
+    ids = [d for s in shards for d in s.device_ids]
+    assert sorted(ids) == sorted(fleet.device_ids)
+    assert shards[0].agent.connect_rate == fleet.agent.connect_rate / 3
+    with pytest.raises(ConfigError):
+        fleet.shard(3, 3)
+    with pytest.raises(ConfigError):
+        load_scenario("city-shift").shard(0, 2)

@@ -577,3 +577,22 @@ def test_truth_log_file_round_trip(tmp_path: Path) -> None:
     assert path.read_text().count("\n") == 2
     with TruthLog(path, append=True) as again:
         assert again.records("fall") == [{"t_ms": T0 + 1, "kind": "fall", "device": "off-1"}]
+
+
+def test_each_device_gets_its_own_gnss_epoch_phase() -> None:
+    from firmware_sim.fleet import unit_routes  # noqa: PLC0415
+    from firmware_sim.kit import build_kit  # noqa: PLC0415
+    from firmware_sim.scenario import load_scenario  # noqa: PLC0415
+
+    fleet = load_scenario("fleet-scale", devices=20)
+    routes = unit_routes(fleet)
+    phases = []
+    for spec in fleet.units:
+        gnss = build_kit(spec, route=routes[spec.id], truth=None, city=fleet.city).unit.gnss
+        assert gnss is not None
+        assert 0 <= gnss.phase_ms < gnss.period_ms
+        phases.append(gnss.phase_ms)
+    assert len(set(phases)) > 15  # spread over the second, and the same on every run
+    again = build_kit(fleet.units[0], route=routes[fleet.units[0].id], truth=None, city=fleet.city).unit.gnss
+    assert again is not None
+    assert again.phase_ms == phases[0]
