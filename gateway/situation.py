@@ -459,7 +459,7 @@ class SituationService:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.tick_s)
-            self.take(self.situation.tick(self._clock_ms()))
+            self.take(self.situation.tick(self._clock_ms(), watched=self.hub.count > 0))
             if loop.time() >= next_reload:
                 self.reload_changed()
                 next_reload = loop.time() + RELOAD_S

@@ -319,6 +319,9 @@ class Picture:
         self._shots: list[_Shot] = []
         self._seen: set[tuple[str, int]] = set()
         self._seen_order: deque[tuple[str, int]] = deque()
+        #: Units and sensors changed by messages since `take_changes` (their deltas are
+        #: built once a tick, not per message: 2,000 units report every second).
+        self._dirty: set[tuple[str, str]] = set()
         for site in registry.sites.values():
             self.sensors[site.id] = Sensor(site.id, site.kind, site.lat, site.lon)
 
@@ -354,7 +357,7 @@ class Picture:
                                          str(body.get("reason", "")), ts_ms))
         elif kind == "event" and body.get("type") in UNIT_ALARMS:
             update.extend(self._unit_alarm(unit, seq, ts_ms, body, now_ms))
-        update.deltas.append(self._unit_delta(unit, now_ms))
+        self._dirty.add(("units", unit.id))
         return update
 
     def tick(self, now_ms: int) -> Update:
@@ -465,6 +468,20 @@ class Picture:
             ))
         return out
 
+    def take_changes(self, now_ms: int, *, build: bool = True) -> list[Delta]:
+        """Deltas for the units and sensors messages changed since the last call (none
+        built when nobody is watching: `build=False` just forgets them)."""
+        dirty, self._dirty = self._dirty, set()
+        if not build:
+            return []
+        out = []
+        for layer, fid in sorted(dirty):
+            if layer == "units" and fid in self.units:
+                out.append(self._unit_delta(self.units[fid], now_ms))
+            elif layer == "sensors" and fid in self.sensors:
+                out.append(self._sensor_delta(self.sensors[fid]))
+        return out
+
     def features(self, now_ms: int) -> list[Mapping[str, Any]]:
         """The whole picture as GeoJSON features (units, sensors, incidents)."""
         deltas = [self._unit_delta(u, now_ms) for u in self.units.values()]
@@ -573,7 +590,7 @@ class Picture:
                 update.extend(self._anpr(sensor, detail, ts_ms, now_ms))
             elif event_type == "tamper":
                 sensor.tamper = True
-        update.deltas.append(self._sensor_delta(sensor))
+        self._dirty.add(("sensors", sensor.id))
         return update
 
     def _detection(self, sensor: Sensor, t_ns: int, now_ms: int) -> Update:

@@ -62,8 +62,10 @@ class Situation:
             self._apply(self.picture.observe(message, now_ms), now_ms, out)
         return out
 
-    def tick(self, now_ms: int) -> Output:
-        out = Output()
+    def tick(self, now_ms: int, *, watched: bool = True) -> Output:
+        """Time passing; with `watched`, also the deltas of the units and sensors that
+        messages changed since the last tick (for the stream)."""
+        out = Output(deltas=self.picture.take_changes(now_ms, build=watched))
         self._apply(self.picture.tick(now_ms), now_ms, out)
         self.alerts.tick(now_ms, self._again(now_ms))
         self._changes(now_ms, out)
