@@ -5,6 +5,7 @@ frozen settings dataclass; nothing is read at import time."""
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,3 +60,17 @@ def build(cls: type[Any], values: Mapping[str, Any], section: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"[{section}] {exc}") from None
+
+
+_YAML_BOOL_TAG = "tag:yaml.org,2002:bool"
+
+
+def yaml_12_booleans(loader: type[Any]) -> None:
+    """Make a PyYAML loader class read booleans as YAML 1.2 does: only true/false, so
+    `on`, `no` and `yes` in a scenario or policy file stay text (YAML 1.1 reads a plate
+    or a place named `NO` as false). Used by the simulator's and the gateway's files."""
+    loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag != _YAML_BOOL_TAG]
+        for first, resolvers in loader.yaml_implicit_resolvers.items()
+    }
+    loader.add_implicit_resolver(_YAML_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))

@@ -30,6 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
+from edge_agent.config import yaml_12_booleans
 from edge_agent.errors import ConfigError
 from edge_agent.wire.geo import LatLon
 from edge_agent.wire.ids import InvalidId, check_id
@@ -96,12 +97,7 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hi
     source = "<scenario>"
 
 
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+yaml_12_booleans(_Loader)
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from edge_agent.config import yaml_12_booleans
 from gateway.core.streets import DEFAULT_DETOUR, DEFAULT_SPEEDS, UNIT_KINDS, KindSpeed
 
 #: Unit states a rule may ask for (`unknown`: no status heard yet).
@@ -177,12 +178,7 @@ class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # PyYAML ships no type hi
     source = "<policy>"
 
 
-_BOOL_TAG = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+yaml_12_booleans(_Loader)
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
