@@ -9,7 +9,9 @@
 One incident holds one *slot* per unit its recommendation chose (responders, then a
 supervisor). An alert that times out or is declined is escalated once: its slot gets a
 new alert, to the next-best unit not yet asked, at most `max_escalations` times per
-slot; past that, or when nobody qualifies, the control room is flagged. Alert ids are
+slot; past that, or when nobody qualifies, the control room is flagged. Roles nobody
+could take when the incident opened are offered again every `REFILL_EVERY_MS` to units
+that have become available since, while the incident is open. Alert ids are
 `<incident>-a<n>`, n counting every alert made for the incident, so they are
 deterministic. Every transition is a `Change`, returned to the caller and kept for the
 audit log (`take_audit`); each alert keeps its history of (state, ts, by).
@@ -27,6 +29,9 @@ from gateway.core.decide import Choice, IncidentView, Recommendation, render, te
 from gateway.core.policy import Rule
 
 GATEWAY = "gateway"
+#: How often an incident that could not get all the units its rule asks for looks for
+#: units that have become available since.
+REFILL_EVERY_MS = 10_000
 
 #: Ask the decision again for an incident, leaving out these units (used to escalate).
 RecommendAgain = Callable[[IncidentView, frozenset[str]], Recommendation]
@@ -201,6 +206,10 @@ class _Incident:
     slots: list[_Slot] = field(default_factory=list)
     attempts: int = 0
     closed: bool = False
+    #: Roles the recommendation could not fill (too few units qualified), and when to
+    #: look again for units that have become available since.
+    unfilled: list[str] = field(default_factory=list)
+    next_refill_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -278,8 +287,32 @@ class AlertBook:
         if recommendation.reason:
             changes.append(Change(now_ms, incident.id, None, None, None, None, GATEWAY, recommendation.reason,
                                   flag=f"{incident.type} {incident.id}: {recommendation.reason}"))
+        responders = sum(c.role == "responder" for c in recommendation.chosen)
+        inc.unfilled = ["responder"] * max(0, rule.count - responders)
+        if rule.supervisor and not any(c.role == "supervisor" for c in recommendation.chosen):
+            inc.unfilled.insert(0, "supervisor")
+        inc.next_refill_ms = now_ms + REFILL_EVERY_MS
         self._audit.extend(changes)
         return outs
+
+    def _refill(self, inc: _Incident, now_ms: int, again: RecommendAgain) -> list[Change]:
+        """Ask units that have become available for the roles nobody could take when the
+        incident opened (checked every REFILL_EVERY_MS while it is open)."""
+        inc.next_refill_ms = now_ms + REFILL_EVERY_MS
+        asked = {self._alerts[a].unit_id for s in inc.slots for a in s.alerts}
+        rec = again(inc.incident, frozenset(asked))
+        changes: list[Change] = []
+        for role in list(inc.unfilled):
+            pick = _pick(rec, role, asked)
+            if pick is None:
+                continue
+            inc.unfilled.remove(role)
+            asked.add(pick.unit_id)
+            slot = len(inc.slots)
+            inc.slots.append(_Slot(role))
+            self._issue(inc, slot, changes, now_ms=now_ms, by=GATEWAY, why=pick.why, choice=pick, rec=rec,
+                        extra_reasons=("became available after the incident opened",))
+        return changes
 
     def _issue(self, inc: _Incident, slot: int, changes: list[Change], *, now_ms: int, by: str, why: str,
                choice: Choice | None = None, rec: Recommendation | None = None, unit_id: str | None = None,
@@ -391,6 +424,8 @@ class AlertBook:
             for n in order:
                 if inc.slots[n].pending:
                     changes += self._escalate(inc, n, now_ms, recommend_again)
+            if inc.unfilled and not inc.closed and now_ms >= inc.next_refill_ms:
+                changes += self._refill(inc, now_ms, recommend_again)
         self._audit.extend(changes)
         return changes
 

@@ -370,3 +370,22 @@ async def test_without_a_file_changes_are_live_only(tmp_path: Path) -> None:
     assert [e["plate"] for e in service.hotlist()] == ["AB12CDE"]
     assert service._audit_pending[0].data["saved_to"] is None
     service._audit.close()
+
+
+def test_a_unit_that_becomes_available_later_fills_the_empty_slot() -> None:
+    situation = Situation(Picture(REGISTRY), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0, {"off-a": 100, "off-b": 300})  # one responder besides the subject, no supervisor
+    for unit in ("off-c", "car-1", "sgt-1"):
+        f.send(unit, "status", {"state": "off_duty"}, T0)
+        f.send(unit, "telemetry", at(PLACES[unit]), T0)
+    now = T0 + 5000
+    out = f.send("off-a", "event", {"type": "panic", **at(100)}, now)
+    assert [s.unit_id for s in out.sends] == ["off-b"]
+    f.send("off-c", "status", {"state": "available"}, now + 2000)
+    f.send("off-c", "telemetry", at(PLACES["off-c"]), now + 2000)
+    assert situation.tick(now + 9_000).sends == []  # looked again only every 10 s
+    refill = situation.tick(now + 10_000).sends
+    assert [(s.unit_id, s.role) for s in refill] == [("off-c", "responder")]
+    assert "became available after the incident opened" in refill[0].reasons
+    assert situation.tick(now + 20_000).sends == []  # filled: not asked twice
