@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +74,22 @@ def yaml_12_booleans(loader: type[Any]) -> None:
         for first, resolvers in loader.yaml_implicit_resolvers.items()
     }
     loader.add_implicit_resolver(_YAML_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def line_numbered_map(loader: Any, node: Any, out: Any, fail: Callable[[int, str], Exception]) -> Any:
+    """Build a PyYAML mapping into `out` (a dict subclass with `line` and `lines`),
+    recording the line of the mapping and of each key; a key that is not text, or comes
+    twice, is `fail(line, message)`. Shared by the scenario and policy loaders."""
+    loader.flatten_mapping(node)
+    out.line = node.start_mark.line + 1
+    out.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise fail(line, f"key {key!r} must be a name")
+        if key in out:
+            raise fail(line, f"duplicate key {key!r}")
+        out[key] = loader.construct_object(value_node, deep=True)
+        out.lines[key] = line
+    return out

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from edge_agent.config import yaml_12_booleans
+from edge_agent.config import line_numbered_map, yaml_12_booleans
 from edge_agent.errors import ConfigError
 from edge_agent.wire.geo import LatLon
 from edge_agent.wire.ids import InvalidId, check_id
@@ -101,19 +101,11 @@ yaml_12_booleans(_Loader)
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str):
-            raise ScenarioError(loader.source, key_node.start_mark.line + 1, "", f"key {key!r} must be a name")
-        if key in out:
-            raise ScenarioError(loader.source, key_node.start_mark.line + 1, "", f"duplicate key {key!r}")
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = key_node.start_mark.line + 1
-    return out
+    def fail(line: int, message: str) -> ScenarioError:
+        return ScenarioError(loader.source, line, "", message)
+
+    result: _Map = line_numbered_map(loader, node, _Map(), fail)
+    return result
 
 
 def _construct_list(loader: _Loader, node: yaml.SequenceNode) -> _List:

@@ -46,13 +46,14 @@ import yaml
 from certs.auditchain import AuditRecord
 from certs.auditlog import AuditLog
 from edge_agent.errors import BluelightError
-from gateway.core.alerts import AlertError, AlertOut
+from gateway.core.alerts import AlertOut
 from gateway.core.anpr import Hotlist, HotlistEntry, HotlistError, normalise_plate
 from gateway.core.ingest import Accepted
 from gateway.core.picture import Delta, Picture, PictureConfig, Registry, RegistryError
 from gateway.core.policy import Policy, PolicyError, default_policy, load_policy
 from gateway.core.situation import Output, Situation
 from gateway.core.streets import EtaModel, StraightLineEta, StreetEta, StreetGraph, StreetsError
+from gateway.ingest import wall_ms
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ class HotlistNotSaved(SituationError):
 
 class Downlink(Protocol):
     async def publish_down(self, device: str, kind: str, body: Any) -> bool: ...
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(eq=False)
@@ -500,7 +497,6 @@ class SituationService:
 
 
 __all__ = [
-    "AlertError",
     "DeltaHub",
     "HotlistNotSaved",
     "HotlistRefused",

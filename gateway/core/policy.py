@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from edge_agent.config import yaml_12_booleans
+from edge_agent.config import line_numbered_map, yaml_12_booleans
 from gateway.core.streets import DEFAULT_DETOUR, DEFAULT_SPEEDS, UNIT_KINDS, KindSpeed
 
 #: Unit states a rule may ask for (`unknown`: no status heard yet).
@@ -182,20 +182,11 @@ yaml_12_booleans(_Loader)
 
 
 def _construct_map(loader: _Loader, node: yaml.MappingNode) -> _Map:
-    loader.flatten_mapping(node)
-    out = _Map()
-    out.line = node.start_mark.line + 1
-    out.lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        line = key_node.start_mark.line + 1
-        if not isinstance(key, str):
-            raise PolicyError(loader.source, f"key {key!r} must be a name", line=line)
-        if key in out:
-            raise PolicyError(loader.source, f"duplicate key {key!r}", line=line)
-        out[key] = loader.construct_object(value_node, deep=True)
-        out.lines[key] = line
-    return out
+    def fail(line: int, message: str) -> PolicyError:
+        return PolicyError(loader.source, message, line=line)
+
+    result: _Map = line_numbered_map(loader, node, _Map(), fail)
+    return result
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_map)
