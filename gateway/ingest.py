@@ -1,14 +1,22 @@
 """The ingest shell: MQTT in, `IngestCore` decides, the store commits, receipts go out.
 
-    broker --$share/bl-gateway/bl/v1/+/up/#--> inbox -> batch --verify--> commit --> PUBACKs
-                                                                                `--> receipts
+    bulk:   broker --$share/bl-gateway/bl/v1/+/up/{telemetry,status}--> inbox -> batch
+              --verify--> commit --> PUBACKs
+    urgent: broker --$share/bl-gateway/bl/v1/+/up/{event,ack}--> inbox -> batch
+              --verify, ahead of bulk--> commit --> PUBACKs;  receipts, alerts --> broker
 
-Three stages overlap, batches keeping their order: the event loop reads the next batch
-while the verify stage checks the previous one and the database thread commits the one
-before. Verification (about 100 us a message, most of the CPU) runs in `verify_workers`
-processes, each owning the senders `route` gives it, so each sender's replay window and
-clock-skew estimate live in exactly one place while signature checks use the other
-cores; `verify_workers = 0` verifies on a thread of this process instead.
+Two MQTT connections with their own persistent sessions, so the broker keeps two
+queues: alarms and officers' answers never wait behind a telemetry backlog, and the
+gateway's own publishes (receipts, alerts) get their PUBACKs on a connection whose
+reads are not paused by that backlog. On the bulk lane three stages overlap, batches
+keeping their order: the event loop reads the next batch while the verify stage checks
+the previous one and the database thread commits the one before. An urgent batch is
+verified ahead of the bulk batches already queued (`_serve`) and committed right after
+the bulk commit in progress. Verification (about 100 us a message, most of the CPU)
+runs in `verify_workers` processes, each owning the senders `route` gives it, so each
+sender's replay window and clock-skew estimate live in exactly one place while
+signature checks use the other cores; `verify_workers = 0` verifies on a thread of this
+process instead.
 
 Flow control (nothing is dropped): the inbox is bounded (`queue_bound`). The socket
 is read one MQTT packet at a time through `_ReaderGate`, which looks at the inbox before
@@ -50,7 +58,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 from typing import Any, TypeVar, cast
 
@@ -64,7 +72,7 @@ from edge_agent.errors import BluelightError
 from edge_agent.wire.envelope import Message, Signer, seal
 from edge_agent.wire.errors import Rejected
 from edge_agent.wire.model import receipt_body
-from edge_agent.wire.topics import UP_FILTER, Topic, shared
+from edge_agent.wire.topics import PREFIX, UP_FILTER, Topic, shared
 from gateway.core import Accepted, IngestCore, IngestCounts, ReceiptBook, Rejection
 from gateway.settings import GatewaySettings
 from gateway.store import BatchResult, Store
@@ -93,14 +101,21 @@ LOG_REJECTIONS = 5
 #: Mosquitto's `max_inflight_messages` (the Receive Maximum it gives MQTT 5 clients) is
 #: 1000 in `bluelight.broker`.
 DOWNLINK_INFLIGHT = 1000
-#: Kinds a batch does not wait `batch_latency_ms` for: alarms and officers' answers to
-#: alerts (they drive dispatch; telemetry is the bulk and can wait for company).
-URGENT_KINDS = frozenset({"event", "ack"})
+#: Receipts published at once; the rest of the in-flight window is left for alerts.
+RECEIPT_ROUND = DOWNLINK_INFLIGHT // 2
+#: Kinds read on the urgent connection: alarms and officers' answers to alerts drive
+#: dispatch, so they must never wait in the broker's queue behind a telemetry backlog.
+#: Each batch of them is decided and committed at once, ahead of telemetry.
+URGENT_KINDS = ("event", "ack")
+#: Kinds read on the bulk connection, in batches of up to `batch_size`.
+BULK_KINDS = ("telemetry", "status")
+#: Signature checks a worker makes on a bulk batch between looks at its urgent pipe.
+URGENT_CHECK = 32
 
 
-def is_urgent(topic: str) -> bool:
-    """Is `topic` (`bl/v1/<sender>/up/<kind>`) of an `URGENT_KINDS` kind?"""
-    return topic.rpartition("/")[2] in URGENT_KINDS
+def lane_filters(group: str, kinds: Sequence[str]) -> list[str]:
+    """The shared subscriptions of one ingest connection."""
+    return [shared(group, f"{PREFIX}/+/up/{kind}") for kind in kinds]
 
 
 def wall_ms() -> int:
@@ -122,8 +137,7 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's incoming queue, bounded. It stamps each message's receive time as it
     arrives (`last_recv_ms` is the stamp of the message taken last) and sets `full_batch`
     once a batch's worth is waiting, so the receiver wakes once per batch, not per
-    message, or at once for an urgent message (`is_urgent`; `urgent` counts those
-    waiting). A message that does not fit is dropped by aiomqtt (it logs a warning);
+    message. A message that does not fit is dropped by aiomqtt (it logs a warning);
     `on_overflow` reports it first."""
 
     def __init__(
@@ -133,7 +147,6 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
         self.full_batch = asyncio.Event()
         self.last_recv_ms = 0
         self.received = 0
-        self.urgent = 0
         self._batch_size = batch_size
         self._clock_ms = clock_ms
         self._on_overflow = on_overflow
@@ -143,19 +156,17 @@ class _Inbox(asyncio.Queue[aiomqtt.Message]):
         if self.full():
             self._on_overflow(item)
         super().put_nowait(item)
-        if self.qsize() >= self._batch_size or self.urgent:
+        if self.qsize() >= self._batch_size:
             self.full_batch.set()
 
     def _put(self, item: aiomqtt.Message) -> None:
         self.received += 1
         self._stamps.append(self._clock_ms())
-        self.urgent += is_urgent(item.topic.value)
         super()._put(item)
 
     def _get(self) -> aiomqtt.Message:
         self.last_recv_ms = self._stamps.popleft()
         item: aiomqtt.Message = super()._get()
-        self.urgent -= is_urgent(item.topic.value)
         return item
 
 
@@ -376,59 +387,90 @@ def route(topic: str, workers: int) -> int:
     return zlib.crc32(parts[2].encode()) % workers if len(parts) > 3 else 0
 
 
-def _verify_worker(conn: Connection, settings: GatewaySettings, seeds: dict[str, int]) -> None:
-    """A verify worker process: batches in, `Decided` out, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway process stops its workers
+def _serve(bulk: Connection, urgent: Connection, settings: GatewaySettings, seeds: dict[str, int]) -> None:
+    """A verify worker: batches in, `Decided` out, in order per pipe, until told to stop
+    (None). A batch on the `urgent` pipe is decided before the rest of a bulk batch:
+    bulk batches are decided `URGENT_CHECK` messages at a time, looking at `urgent` in
+    between, so an alarm waits for at most that many signature checks, not a batch's."""
     decider = Decider(settings, seeds)
-    conn.send("ready")
+    bulk.send("ready")
+
+    def answer_urgent() -> bool:
+        raw = urgent.recv()
+        if raw is None:
+            return False
+        urgent.send(decider.decide(raw))
+        return True
+
     while True:
         try:
-            raw = conn.recv()
+            ready = wait([urgent, bulk])
+            if urgent in ready:
+                if not answer_urgent():
+                    return
+                continue
+            raw = bulk.recv()
+            if raw is None:
+                return
+            out = Decided()
+            for i in range(0, len(raw), URGENT_CHECK):
+                while urgent.poll():
+                    if not answer_urgent():
+                        return
+                out.merge(decider.decide(raw[i : i + URGENT_CHECK]))
+            bulk.send(out)
         except EOFError:
             return
-        if raw is None:
-            return
-        conn.send(decider.decide(raw))
 
 
-class _ThreadVerifier:
-    """Verifies on one thread of this process (`verify_workers = 0`)."""
-
-    def __init__(self, settings: GatewaySettings, seeds: Mapping[str, int]) -> None:
-        self._decider = Decider(settings, seeds)
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bl-gateway-verify")
-
-    async def start(self) -> None:
-        return
-
-    def submit(self, raw: list[tuple[str, bytes, int]]) -> Awaitable[Decided]:
-        """Queue a batch; batches are decided in the order submitted."""
-        return asyncio.get_running_loop().run_in_executor(self._thread, self._decider.decide, raw)
-
-    def close(self) -> None:
-        self._thread.shutdown(wait=True)
+def _verify_process(bulk: Connection, urgent: Connection, settings: GatewaySettings, seeds: dict[str, int]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway process stops its workers
+    _serve(bulk, urgent, settings, seeds)
 
 
-class _ProcessVerifier:
+class _Channel:
+    """One pipe to a worker: batches go down in order (on a sender thread, as a big
+    batch can fill the pipe) and results come back in order (on a reader thread)."""
+
+    def __init__(self, conn: Connection, name: str) -> None:
+        self.conn = conn
+        self.name = name
+        self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-send")
+        self.pending: deque[asyncio.Future[Decided]] = deque()
+        self.reader: threading.Thread | None = None
+
+
+class _Verifier:
     """Verifies in `n` worker processes, each owning the senders `route` gives it, so
-    signature checks use other cores. Per worker, one thread sends batches down its pipe
-    and one reads results back in order, so a worker can be given the next batch while
-    it still works on one."""
+    signature checks use other cores; `n = 0` runs one worker on a thread of this
+    process instead. Each worker has two pipes, bulk and urgent (`_serve`), so an alarm
+    overtakes the telemetry batches already handed to its worker. A worker can be given
+    the next batch while it still works on one."""
 
     def __init__(self, settings: GatewaySettings, seeds: Mapping[str, int], n: int) -> None:
+        self._n = max(n, 1)
+        self._workers: list[BaseProcess | threading.Thread] = []
+        self._channels: dict[bool, list[_Channel]] = {False: [], True: []}
+        self._thread_ends: list[Connection] = []  # a thread worker's ends, closed after it
         ctx = multiprocessing.get_context("spawn")
-        self._n = n
-        self._workers: list[tuple[BaseProcess, Connection]] = []
-        for i in range(n):
-            parent, child = ctx.Pipe()
-            mine = {device: seq for device, seq in seeds.items() if route(f"bl/v1/{device}/up", n) == i}
-            proc = ctx.Process(target=_verify_worker, args=(child, settings, mine), name=f"bl-verify-{i}", daemon=True)
-            proc.start()
-            child.close()
-            self._workers.append((proc, parent))
-        self._senders = [ThreadPoolExecutor(1, thread_name_prefix=f"bl-verify-send-{i}") for i in range(n)]
-        self._pending: list[deque[asyncio.Future[Decided]]] = [deque() for _ in range(n)]
-        self._readers: list[threading.Thread] = []
+        for i in range(self._n):
+            pipes = [ctx.Pipe() for _ in range(2)]
+            mine = {device: seq for device, seq in seeds.items() if route(f"bl/v1/{device}/up", self._n) == i}
+            args = (pipes[0][1], pipes[1][1], settings, mine)
+            worker: BaseProcess | threading.Thread
+            if n:
+                worker = ctx.Process(target=_verify_process, args=args, name=f"bl-verify-{i}", daemon=True)
+            else:
+                worker = threading.Thread(target=_serve, args=args, name="bl-gateway-verify", daemon=True)
+            worker.start()
+            for _parent, child in pipes:
+                if n:
+                    child.close()
+                else:
+                    self._thread_ends.append(child)
+            self._workers.append(worker)
+            for urgent, (parent, _child) in zip((False, True), pipes, strict=True):
+                self._channels[urgent].append(_Channel(parent, f"bl-verify-{'urgent' if urgent else 'bulk'}-{i}"))
         self._failed: IngestError | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -436,68 +478,77 @@ class _ProcessVerifier:
     async def start(self) -> None:
         """Wait until every worker has loaded its keys, then start reading results."""
         loop = self._loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._senders[i], self._hello, i) for i in range(self._n)))
-        for i in range(self._n):
-            reader = threading.Thread(target=self._read, args=(i, loop), name=f"bl-verify-recv-{i}", daemon=True)
-            reader.start()
-            self._readers.append(reader)
+        bulk = self._channels[False]
+        await asyncio.gather(*(loop.run_in_executor(bulk[i].sender, self._hello, i) for i in range(self._n)))
+        for channels in self._channels.values():
+            for i, channel in enumerate(channels):
+                channel.reader = threading.Thread(
+                    target=self._read, args=(i, channel, loop), name=f"{channel.name}-recv", daemon=True
+                )
+                channel.reader.start()
+
+    def _exit_code(self, i: int) -> int | None:
+        worker = self._workers[i]
+        return worker.exitcode if isinstance(worker, BaseProcess) else None
 
     def _hello(self, i: int) -> None:
-        proc, conn = self._workers[i]
         try:
-            conn.recv()
+            self._channels[False][i].conn.recv()
         except EOFError:
-            proc.join(1)
-            raise IngestError(f"verify worker {i} did not start (exit code {proc.exitcode})") from None
+            self._workers[i].join(1)
+            raise IngestError(f"verify worker {i} did not start (exit code {self._exit_code(i)})") from None
 
-    def _read(self, i: int, loop: asyncio.AbstractEventLoop) -> None:
-        proc, conn = self._workers[i]
+    def _read(self, i: int, channel: _Channel, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
-                result = conn.recv()
+                result = channel.conn.recv()
             except (EOFError, OSError):
                 if not self._closing:
-                    proc.join(1)
-                    loop.call_soon_threadsafe(self._fail, i, proc.exitcode)
+                    self._workers[i].join(1)
+                    loop.call_soon_threadsafe(self._fail, i)
                 return
-            loop.call_soon_threadsafe(self._resolve, i, result)
+            loop.call_soon_threadsafe(self._resolve, channel, result)
 
-    def _resolve(self, i: int, result: Decided) -> None:
-        future = self._pending[i].popleft()
+    @staticmethod
+    def _resolve(channel: _Channel, result: Decided) -> None:
+        future = channel.pending.popleft()
         if not future.done():
             future.set_result(result)
 
-    def _fail(self, i: int, code: int | None) -> None:
-        self._failed = IngestError(f"verify worker {i} exited (code {code})")
-        for pending in self._pending:
-            while pending:
-                future = pending.popleft()
-                if not future.done():
-                    future.set_exception(self._failed)
+    def _fail(self, i: int) -> None:
+        self._failed = IngestError(f"verify worker {i} exited (code {self._exit_code(i)})")
+        for channels in self._channels.values():
+            for channel in channels:
+                while channel.pending:
+                    future = channel.pending.popleft()
+                    if not future.done():
+                        future.set_exception(self._failed)
 
-    def submit(self, raw: list[tuple[str, bytes, int]]) -> Awaitable[Decided]:
-        """Queue a batch; batches are decided in the order submitted."""
+    def submit(self, raw: list[tuple[str, bytes, int]], *, urgent: bool = False) -> Awaitable[Decided]:
+        """Queue a batch; batches are decided in the order submitted, an urgent one
+        ahead of bulk ones."""
         if self._failed is not None:
             raise self._failed
         assert self._loop is not None, "start() first"
+        channels = self._channels[urgent]
         if self._n == 1:
-            return self._send(0, raw)
+            return self._send(0, channels[0], raw)
         parts: dict[int, list[tuple[str, bytes, int]]] = {}
         for item in raw:
             parts.setdefault(route(item[0], self._n), []).append(item)
-        return self._merge([self._send(i, part) for i, part in parts.items()])
+        return self._merge([self._send(i, channels[i], part) for i, part in parts.items()])
 
-    def _send(self, i: int, raw: list[tuple[str, bytes, int]]) -> asyncio.Future[Decided]:
+    def _send(self, i: int, channel: _Channel, raw: list[tuple[str, bytes, int]]) -> asyncio.Future[Decided]:
         assert self._loop is not None
         future: asyncio.Future[Decided] = self._loop.create_future()
-        self._pending[i].append(future)
-        sent = self._loop.run_in_executor(self._senders[i], self._workers[i][1].send, raw)
+        channel.pending.append(future)
+        sent = self._loop.run_in_executor(channel.sender, channel.conn.send, raw)
         sent.add_done_callback(functools.partial(self._sent, i))
         return future
 
     def _sent(self, i: int, sent: asyncio.Future[None]) -> None:
         if not sent.cancelled() and sent.exception() is not None and not self._closing:
-            self._fail(i, self._workers[i][0].exitcode)
+            self._fail(i)
 
     @staticmethod
     async def _merge(parts: list[asyncio.Future[Decided]]) -> Decided:
@@ -505,19 +556,38 @@ class _ProcessVerifier:
 
     def close(self) -> None:
         self._closing = True
-        for sender, (_proc, conn) in zip(self._senders, self._workers, strict=True):
-            with contextlib.suppress(OSError, RuntimeError):
-                sender.submit(conn.send, None).result(timeout=5)
-            sender.shutdown(wait=True)
-        for proc, _conn in self._workers:
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join(5)
-        for reader in self._readers:
-            reader.join(5)
-        for _proc, conn in self._workers:
-            conn.close()
+        for channels in self._channels.values():
+            for channel in channels:
+                with contextlib.suppress(OSError, RuntimeError):
+                    channel.sender.submit(channel.conn.send, None).result(timeout=5)
+                channel.sender.shutdown(wait=True)
+        for worker in self._workers:
+            worker.join(5)
+            if isinstance(worker, BaseProcess) and worker.is_alive():
+                worker.terminate()
+                worker.join(5)
+        for end in self._thread_ends:
+            end.close()
+        for channels in self._channels.values():
+            for channel in channels:
+                if channel.reader is not None:
+                    channel.reader.join(5)
+                channel.conn.close()
+
+
+class _Lane:
+    """One of the ingest's two MQTT connections (`bulk` or `urgent`): its session, what
+    it subscribes to, and its client while connected."""
+
+    def __init__(self, name: str, client_id: str, filters: list[str], *, batches: bool) -> None:
+        self.name = name
+        self.client_id = client_id
+        self.filters = filters
+        #: Wait up to `batch_latency_ms` for a batch to fill (telemetry), or not (alarms).
+        self.batches = batches
+        self.client: _IngestClient | None = None
+        #: A QoS 1 message did not fit the inbox (cannot happen, see `_ReaderGate`).
+        self.lost_qos1 = False
 
 
 @dataclass
@@ -525,6 +595,7 @@ class _Batch:
     """Messages received on one connection; decided; committed; then acknowledged on
     that connection."""
 
+    lane: _Lane
     client: _IngestClient
     acks: list[tuple[int, int]] = field(default_factory=list)
     raw: list[tuple[str, bytes, int]] = field(default_factory=list)
@@ -539,8 +610,15 @@ def _connect_properties(settings: GatewaySettings) -> Properties:
 
 
 class Ingest:
-    """Runs the MQTT subscription, the verify and write stages and the receipt sender
-    until cancelled."""
+    """Runs the two MQTT subscriptions, the verify and write stages and the receipt
+    sender until cancelled.
+
+    Two connections, two persistent sessions, so two broker queues: `bulk` reads
+    telemetry and status in batches through the staged pipeline; `urgent` reads alarms
+    and officers' answers (`URGENT_KINDS`) and takes each batch of them through verify
+    (ahead of telemetry, `_serve`) and commit at once. `urgent` also publishes every
+    downlink (receipts, alerts): its PUBACKs come back on a connection that is never
+    paused behind a backlog."""
 
     def __init__(
         self,
@@ -560,17 +638,21 @@ class Ingest:
         self.store = store
         self.counts = IngestCounts()
         self.receipts = ReceiptBook(settings.receipt_interval_ms)
+        #: Set while both connections are up and subscribed.
         self.connected = asyncio.Event()
         self._tls = tls_context
         self._signer = signer
         self._clock_ms = clock_ms
         self.on_stored = on_stored
-        self._client: _IngestClient | None = None
-        self._inbox: _Inbox | None = None
-        self._lost_qos1 = False
+        gw, group = settings.gateway_id, settings.share_group
+        self._bulk = _Lane("bulk", f"{gw}-ingest", lane_filters(group, BULK_KINDS), batches=True)
+        self._urgent = _Lane("urgent", f"{gw}-urgent", lane_filters(group, URGENT_KINDS), batches=False)
+        self._subscribed = 0
         self._received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
+        self._urgent_received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
         self._verifying: asyncio.Queue[tuple[_Batch, Awaitable[Decided]]] = asyncio.Queue(STAGE_DEPTH)
         self._decided: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
+        self._verifier_ready = asyncio.Event()
         self._receipts_ready = asyncio.Event()
         self._db_thread: ThreadPoolExecutor | None = None
         self._seq_next = 0
@@ -588,16 +670,17 @@ class Ingest:
         acknowledged, so the broker delivers them again on the next start."""
         s = self.settings
         self._db_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bl-gateway-db")
-        verifier: _ThreadVerifier | _ProcessVerifier | None = None
+        verifier: _Verifier | None = None
         try:
             seeds = await self._on(self._db_thread, self.store.last_seqs)
-            n = s.verify_workers
-            verifier = _ProcessVerifier(s, seeds, n) if n else _ThreadVerifier(s, seeds)
+            verifier = _Verifier(s, seeds, s.verify_workers)
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._connection_loop(), name="ingest-mqtt")
+                for lane in (self._bulk, self._urgent):
+                    tg.create_task(self._connection_loop(lane), name=f"ingest-mqtt-{lane.name}")
                 tg.create_task(self._dispatch_loop(verifier), name="ingest-dispatch")
                 tg.create_task(self._verify_loop(), name="ingest-verify")
                 tg.create_task(self._write_loop(), name="ingest-write")
+                tg.create_task(self._urgent_loop(verifier), name="ingest-urgent")
                 tg.create_task(self._receipt_loop(), name="ingest-receipts")
                 tg.create_task(self._report_loop(), name="ingest-report")
         finally:
@@ -607,31 +690,33 @@ class Ingest:
 
     def live(self) -> dict[str, Any]:
         """This process's figures, for `/api/v1/stats`."""
+        bulk, urgent = self._bulk.client, self._urgent.client
         return {
-            "connected": self._client is not None,
+            "connected": self.connected.is_set(),
             "mqtt_protocol": self.settings.mqtt_protocol,
             "verify_workers": self.settings.verify_workers,
-            "inbox": self._inbox.qsize() if self._inbox is not None else 0,
+            "inbox": bulk.inbox.qsize() if bulk is not None else 0,
+            "urgent_inbox": urgent.inbox.qsize() if urgent is not None else 0,
             "queue_bound": self.settings.queue_bound,
             "batches_waiting": self._received.qsize() + self._verifying.qsize() + self._decided.qsize(),
             "accepted_per_s": round(self.rate, 1),
             "overflow": self.overflow,
-            "read_pauses": self._client.gate.pauses if self._client is not None else 0,
+            "read_pauses": bulk.gate.pauses if bulk is not None else 0,
             "receipts_sent": self.receipts_sent,
             "receipts_failed": self.receipts_failed,
             "receipts_owed": self.receipts.pending,
         }
 
     # -- stage 1: MQTT (event loop) -------------------------------------------
-    def _new_client(self) -> _IngestClient:
+    def _new_client(self, lane: _Lane) -> _IngestClient:
         s = self.settings
         v5 = s.mqtt_protocol == "5"
         return _IngestClient(
             s.broker_host,
             s.broker_port,
-            inbox=_Inbox(s.queue_bound, s.batch_size, self._clock_ms, self._overflowed),
-            read_nap_s=READ_NAP_S,
-            identifier=f"{s.gateway_id}-ingest",
+            inbox=_Inbox(s.queue_bound, s.batch_size, self._clock_ms, functools.partial(self._overflowed, lane)),
+            read_nap_s=READ_NAP_S if lane.batches else 0.0,
+            identifier=lane.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             clean_start=False if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
             clean_session=None if v5 else False,
@@ -641,57 +726,71 @@ class Ingest:
             max_inflight_messages=DOWNLINK_INFLIGHT,
         )
 
-    def _overflowed(self, message: aiomqtt.Message) -> None:
+    def _overflowed(self, lane: _Lane, message: aiomqtt.Message) -> None:
         self.overflow += 1
         if message.qos:
-            self._lost_qos1 = True
+            lane.lost_qos1 = True
         log.error("inbox full: dropped a QoS %d message on %s", message.qos, message.topic)
 
-    async def _connection_loop(self) -> None:
+    def _update_connected(self) -> None:
+        if self._bulk.client is not None and self._urgent.client is not None and self._subscribed == 2:
+            self.connected.set()
+        else:
+            self.connected.clear()
+
+    async def _connection_loop(self, lane: _Lane) -> None:
         s = self.settings
-        topic = shared(s.share_group, UP_FILTER)
         attempt = 0
         while True:
-            client = self._new_client()
-            self._lost_qos1 = False
+            client = self._new_client(lane)
+            lane.lost_qos1 = False
+            subscribed = False
             try:
                 async with client, asyncio.TaskGroup() as tg:
                     # Receive before the SUBACK: a persistent session's queued messages
                     # arrive ahead of it, and must be drained for the SUBACK to be read.
-                    self._client, self._inbox = client, client.inbox
-                    tg.create_task(self._receive(client), name="ingest-receive")
-                    granted = await client.subscribe(topic, qos=1)
+                    lane.client = client
+                    tg.create_task(self._receive(lane, client), name=f"ingest-receive-{lane.name}")
+                    granted = await client.subscribe([(f, 1) for f in lane.filters])
                     if any(getattr(code, "value", code) >= 0x80 for code in granted):
-                        raise IngestError(f"the broker refused the subscription to {topic}: {granted}")
-                    self.connected.set()
+                        raise IngestError(f"the broker refused the subscription to {lane.filters}: {granted}")
+                    if lane is self._bulk:
+                        # Sessions of gateways before the urgent lane read every uplink
+                        # here; from now on alarms and answers come on the urgent one only.
+                        await client.unsubscribe(shared(s.share_group, UP_FILTER))
+                    subscribed = True
+                    self._subscribed += 1
+                    self._update_connected()
                     attempt = 0
-                    log.info("ingest connected to %s as %s-ingest (MQTT %s), subscribed to %s",
-                             s.broker, s.gateway_id, s.mqtt_protocol, topic)
+                    log.info("ingest connected (%s lane) to %s as %s (MQTT %s), subscribed to %s",
+                             lane.name, s.broker, lane.client_id, s.mqtt_protocol, " ".join(lane.filters))
             except* (aiomqtt.MqttError, IngestError) as group:
-                log.warning("ingest connection to %s: %s", s.broker, "; ".join(map(str, group.exceptions)))
+                log.warning("ingest %s lane, connection to %s: %s",
+                            lane.name, s.broker, "; ".join(map(str, group.exceptions)))
             finally:
-                if self._client is client:
-                    self._client = None
-                    self.connected.clear()
+                if lane.client is client:
+                    lane.client = None
+                self._subscribed -= subscribed
+                self._update_connected()
             delay = backoff(attempt)
             attempt += 1
-            log.info("ingest reconnecting in %.1fs", delay)
+            log.info("ingest %s lane reconnecting in %.1fs", lane.name, delay)
             await asyncio.sleep(delay)
 
-    async def _receive(self, client: _IngestClient) -> None:
-        """Fill batches: up to `batch_size` messages or `batch_latency_ms` after the first,
-        or up to an urgent message (`is_urgent`)."""
+    async def _receive(self, lane: _Lane, client: _IngestClient) -> None:
+        """Fill batches: up to `batch_size` messages, or on the bulk lane up to
+        `batch_latency_ms` after the first; hand them to the lane's pipeline."""
         inbox, gate = client.inbox, client.gate
         low_water = inbox.maxsize // 2
         size = self.settings.batch_size
-        latency = self.settings.batch_latency_ms / 1000
+        latency = self.settings.batch_latency_ms / 1000 if lane.batches else 0.0
+        out = self._received if lane is self._bulk else self._urgent_received
         loop = asyncio.get_running_loop()
         async for first in client.messages:
-            batch = _Batch(client)
+            batch = _Batch(lane, client)
             acks, raw = batch.acks, batch.raw
-            # Let the batch fill, waking once rather than per message; not when an alarm
-            # or an answer is in it or waiting (each would wait up to `latency`).
-            if inbox.qsize() + 1 < size and not inbox.urgent and not is_urgent(first.topic.value):
+            # Let the batch fill, waking once rather than per message.
+            if latency and inbox.qsize() + 1 < size:
                 inbox.full_batch.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout_at(loop.time() + latency):
@@ -711,8 +810,8 @@ class Ingest:
                     break
             if gate.paused and inbox.qsize() <= low_water:
                 gate.resume()
-            await self._received.put(batch)
-            if self._lost_qos1:
+            await out.put(batch)
+            if lane.lost_qos1:
                 raise IngestError("a QoS 1 message did not fit the inbox; reconnecting so the broker redelivers it")
 
     # -- stage 2: verify (worker processes) ----------------------------------
@@ -720,9 +819,10 @@ class Ingest:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(executor, functools.partial(fn, *args))
 
-    async def _dispatch_loop(self, verifier: _ThreadVerifier | _ProcessVerifier) -> None:
-        """Hand batches to the verifier without waiting for earlier ones to come back."""
-        await verifier.start()  # meanwhile the subscription is made and the inbox fills
+    async def _dispatch_loop(self, verifier: _Verifier) -> None:
+        """Hand bulk batches to the verifier without waiting for earlier ones to come back."""
+        await verifier.start()  # meanwhile the subscriptions are made and the inboxes fill
+        self._verifier_ready.set()
         while True:
             batch = await self._received.get()
             decided = verifier.submit(batch.raw)
@@ -730,20 +830,23 @@ class Ingest:
             await self._verifying.put((batch, decided))
 
     async def _verify_loop(self) -> None:
-        counts = self.counts
         while True:
             batch, pending = await self._verifying.get()
-            decided = batch.decided = await pending
-            if decided.crl_reloaded:
-                log.info("CRL reloaded: revoked senders are rejected from now on")
-            counts.accepted += len(decided.records)
-            counts.late += decided.late
-            counts.gaps += decided.gaps
-            for reason, n in decided.rejected.items():
-                counts.rejected[reason] = counts.rejected.get(reason, 0) + n
-            for rejection in decided.examples:
-                self._log_rejection(rejection)
+            self._tally(await pending, batch)
             await self._decided.put(batch)
+
+    def _tally(self, decided: Decided, batch: _Batch) -> None:
+        batch.decided = decided
+        counts = self.counts
+        if decided.crl_reloaded:
+            log.info("CRL reloaded: revoked senders are rejected from now on")
+        counts.accepted += len(decided.records)
+        counts.late += decided.late
+        counts.gaps += decided.gaps
+        for reason, n in decided.rejected.items():
+            counts.rejected[reason] = counts.rejected.get(reason, 0) + n
+        for rejection in decided.examples:
+            self._log_rejection(rejection)
 
     def _log_rejection(self, rejection: Rejection) -> None:
         self._logged[rejection.reason] += 1
@@ -753,16 +856,28 @@ class Ingest:
     # -- stage 3: store (database thread) -------------------------------------
     async def _write_loop(self) -> None:
         while True:
-            batch = await self._decided.get()
-            result = await self._commit(batch)
-            self.committed += result.inserted
-            self._ack(batch)
-            if self.on_stored is not None and batch.decided.records:
-                self.on_stored(batch.decided.records)
-            for device, seqs in result.receipts.items():
-                self.receipts.add(device, seqs)
-            if result.receipts:
-                self._receipts_ready.set()
+            await self._store_batch(await self._decided.get())
+
+    async def _urgent_loop(self, verifier: _Verifier) -> None:
+        """The urgent lane's pipeline: each batch verified (ahead of telemetry) and
+        committed before the next is taken."""
+        await self._verifier_ready.wait()
+        while True:
+            batch = await self._urgent_received.get()
+            self._tally(await verifier.submit(batch.raw, urgent=True), batch)
+            await self._store_batch(batch)
+
+    async def _store_batch(self, batch: _Batch) -> None:
+        """Commit, acknowledge, feed the picture and owe receipts."""
+        result = await self._commit(batch)
+        self.committed += result.inserted
+        self._ack(batch)
+        if self.on_stored is not None and batch.decided.records:
+            self.on_stored(batch.decided.records)
+        for device, seqs in result.receipts.items():
+            self.receipts.add(device, seqs)
+        if result.receipts:
+            self._receipts_ready.set()
 
     async def _commit(self, batch: _Batch) -> BatchResult:
         d = batch.decided
@@ -784,23 +899,24 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def _ack(self, batch: _Batch) -> None:
+    @staticmethod
+    def _ack(batch: _Batch) -> None:
         """Acknowledge a committed batch on the connection it came in on. If that
         connection is gone, the broker redelivers and the store de-duplicates."""
-        if batch.client is not self._client:
+        if batch.client is not batch.lane.client:
             return
         ack = batch.client.ack
         for mid, qos in batch.acks:
             ack(mid, qos)
 
-    # -- receipts (event loop) ------------------------------------------------
+    # -- downlinks: receipts and alerts (event loop, urgent lane) -------------
     async def _receipt_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(RECEIPT_TICK_S):
                     await self._receipts_ready.wait()
             self._receipts_ready.clear()
-            client = self._client
+            client = self._urgent.client
             if client is None:
                 continue
             due = self.receipts.due(self._clock_ms())
@@ -831,7 +947,7 @@ class Ingest:
         """Sign one downlink (e.g. an alert) and publish it at QoS 1 on the device's
         `down/<kind>`; True once the broker has it. False when the ingest has no broker
         connection or the publish failed: the caller keeps it and tries again."""
-        client = self._client
+        client = self._urgent.client
         if client is None:
             return False
         [(topic, data)] = await self._seal_down([(device, kind, body)])
@@ -843,16 +959,21 @@ class Ingest:
         return True
 
     async def _send_receipts(self, client: aiomqtt.Client, due: list[tuple[str, list[int]]]) -> None:
-        sealed = await self._seal_down([(device, "cmd", receipt_body(seqs)) for device, seqs in due])
-        sends = [client.publish(topic, data, qos=1) for topic, data in sealed]
-        for outcome in await asyncio.gather(*sends, return_exceptions=True):
-            if isinstance(outcome, aiomqtt.MqttError):
-                self.receipts_failed += 1
-                log.debug("receipt not sent: %s", outcome)
-            elif isinstance(outcome, BaseException):
-                raise outcome
-            else:
-                self.receipts_sent += 1
+        """Publish owed receipts, `RECEIPT_ROUND` at a time: paho numbers its publishes
+        with 16-bit ids and does not skip ids still in use, so the gateway never has more
+        than a round outstanding (a burst of thousands once made ids collide and the
+        client stop sending for good)."""
+        for i in range(0, len(due), RECEIPT_ROUND):
+            items = [(device, "cmd", receipt_body(seqs)) for device, seqs in due[i : i + RECEIPT_ROUND]]
+            sends = [client.publish(topic, data, qos=1) for topic, data in await self._seal_down(items)]
+            for outcome in await asyncio.gather(*sends, return_exceptions=True):
+                if isinstance(outcome, aiomqtt.MqttError):
+                    self.receipts_failed += 1
+                    log.debug("receipt not sent: %s", outcome)
+                elif isinstance(outcome, BaseException):
+                    raise outcome
+                else:
+                    self.receipts_sent += 1
 
     # -- housekeeping ---------------------------------------------------------
     async def _report_loop(self) -> None:
@@ -871,7 +992,7 @@ class Ingest:
                 log.info(
                     "ingest: %.0f accepted/s (%d since start), rejected: %s; inbox %d/%d, receipts sent %d",
                     self.rate, accepted, " ".join(f"{r}={n}" for r, n in sorted(new.items()) if n) or "none",
-                    self._inbox.qsize() if self._inbox is not None else 0, self.settings.queue_bound,
+                    self._bulk.client.inbox.qsize() if self._bulk.client is not None else 0, self.settings.queue_bound,
                     self.receipts_sent,
                 )
             last_accepted, last_rejected, last_t = accepted, rejected_now, now

@@ -315,6 +315,36 @@ async def test_a_burst_larger_than_the_inbox_is_stored_without_loss(
         assert [r["seq"] for r in stored] == sorted(want)
 
 
+async def test_an_alarm_overtakes_a_telemetry_backlog(
+    pki: Pki, broker: MosquittoProcess, tmp_path: Path, issue: Callable[[Role, str], Identity]
+) -> None:
+    """Telemetry queued while the gateway was away arrives as a backlog of thousands; a
+    panic pressed meanwhile has its own connection and queue, so it is stored and
+    receipted long before the backlog is, and nothing of the backlog is lost."""
+    settings = settings_for(pki, broker, tmp_path / "gw.db", queue_bound=1024, verify_workers=0)
+    per_device, n_devices = 3000, 4
+    async with contextlib.AsyncExitStack() as stack:
+        devs = [await stack.enter_async_context(device(pki, fresh(issue, "lag"), broker)) for _ in range(n_devices)]
+        officer = await stack.enter_async_context(device(pki, fresh(issue, "sos"), broker))
+        async with running(settings):
+            pass  # makes the persistent sessions
+        sealed = [(dev, dev.seal(seq)) for seq in range(1, per_device + 1) for dev in devs]
+        await asyncio.gather(*(dev.send_raw(data) for dev, data in sealed))
+        async with running(settings) as gw:
+            assert gw.ingest is not None
+            await gw.ingest.connected.wait()
+            await officer.send(1, "event", {"type": "panic"})
+            await eventually(lambda: 1 in officer.receipted, within=30, what="the panic's receipt")
+            backlog_stored = read(settings.db_path, Store.stats)["accepted"]
+            assert backlog_stored < n_devices * per_device // 2, "the panic waited for the backlog"
+            await eventually(lambda: all(dev.receipted >= set(range(1, per_device + 1)) for dev in devs),
+                             within=90, what="every backlog receipt")
+            assert gw.ingest.live()["overflow"] == 0
+    [panic] = read(settings.db_path, lambda s: s.messages(officer.id))
+    assert panic["kind"] == "event"
+    assert read(settings.db_path, Store.stats)["accepted"] == n_devices * per_device + 1
+
+
 async def test_cli_run_and_tail(
     pki: Pki, broker: MosquittoProcess, tmp_path: Path, issue: Callable[[Role, str], Identity]
 ) -> None:

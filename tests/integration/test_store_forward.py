@@ -181,8 +181,9 @@ async def test_broker_sigkill_with_messages_queued_for_gateway(
             await asyncio.sleep(0.5)
             crash_broker.start()
             gateway.signal(signal.SIGCONT)
-            # The gateway first drains what its dead connection had buffered, then reconnects.
-            await wait_for(lambda: gateway.connections() >= 2, 30, "the gateway to reconnect")
+            # The gateway first drains what its dead connections had buffered, then
+            # reconnects both (bulk and urgent).
+            await wait_for(lambda: gateway.connections() >= 4, 30, "the gateway to reconnect")
             reconnected_ms = time.time_ns() // 1_000_000
             await proxy.open()
             await wait_drained(agents, bursts)
@@ -193,9 +194,11 @@ async def test_broker_sigkill_with_messages_queued_for_gateway(
         await assert_exactly_once(gateway, agent)
     after = [row for row in gateway.stored(agents[0].id) if row[2] >= reconnected_ms]
     event_ms = next(recv_ts for seq, _, recv_ts in after if seq == event_seq)
-    # Received in the first millisecond after reconnect (ties within a millisecond are
-    # one read from the socket, in the order the agent sent them).
-    assert event_ms == min(recv_ts for _, _, recv_ts in after), f"the alarm was not first: {after[:5]}"
+    # The agent sends the alarm first; it comes in on the gateway's urgent connection,
+    # the telemetry backlog on the bulk one, read in whichever order the event loop sees
+    # the two sockets: so first, or within a few milliseconds of the first telemetry.
+    first_ms = min(recv_ts for _, _, recv_ts in after)
+    assert event_ms <= first_ms + 25, f"the alarm was not first: {after[:5]}"
 
 
 async def test_gateway_sigkill_and_restart(pki: Pki, crash_broker: MosquittoProcess, gateway: GatewayProcess,

@@ -4,14 +4,15 @@ the property that nothing is accepted twice and nothing valid is lost."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
+import threading
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 import cbor2
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -24,10 +25,10 @@ from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.wire.envelope import MAX_ENVELOPE_BYTES, KeySigner, Message, seal
 from edge_agent.wire.errors import REASONS, Rejected
 from edge_agent.wire.ids import Role
-from edge_agent.wire.topics import Topic
+from edge_agent.wire.topics import UP_KINDS, Topic
 from gateway.core import Accepted, IngestCore, ReceiptBook, Rejection, ReplayWindow, SkewEstimator, Verdict
 from gateway.core.tail import clock, message_line, rejection_line
-from gateway.ingest import _Inbox, is_urgent, route
+from gateway.ingest import BULK_KINDS, URGENT_KINDS, _serve, lane_filters, route
 from gateway.settings import GatewaySettings, load_settings
 from gateway.store import Store
 
@@ -462,22 +463,30 @@ def test_settings_refuse_a_missing_identity(pki: Pki, tmp_path: Path) -> None:
     assert GatewaySettings(pki_dir=pki.root, broker="h:1", db_path=tmp_path / "d").gateway_id == "gateway"
 
 
-def _mqtt_message(topic: str) -> aiomqtt.Message:
-    return aiomqtt.Message(topic, b"x", qos=1, retain=False, mid=1, properties=None)
+def test_the_two_ingest_lanes_read_every_uplink_kind_exactly_once() -> None:
+    lanes = [lane_filters("grp", BULK_KINDS), lane_filters("grp", URGENT_KINDS)]
+    assert lanes[1] == ["$share/grp/bl/v1/+/up/event", "$share/grp/bl/v1/+/up/ack"]
+    kinds = [f.rpartition("/")[2] for lane in lanes for f in lane]
+    assert sorted(kinds) == sorted(UP_KINDS)
 
 
-async def test_an_alarm_or_answer_closes_the_batch_at_once() -> None:
-    assert is_urgent("bl/v1/dev-1/up/event")
-    assert is_urgent("bl/v1/off-1/up/ack")
-    assert not is_urgent("bl/v1/dev-1/up/telemetry")
-    assert not is_urgent("bl/v1/dev-1/up/status")
-    inbox = _Inbox(100, 10, lambda: 0, lambda m: None)
-    for _ in range(3):
-        inbox.put_nowait(_mqtt_message("bl/v1/dev-1/up/telemetry"))
-    assert not inbox.full_batch.is_set()  # telemetry waits for a batch's worth (or the latency)
-    inbox.put_nowait(_mqtt_message("bl/v1/dev-2/up/event"))
-    assert inbox.full_batch.is_set()
-    assert inbox.urgent == 1
-    while not inbox.empty():
-        inbox.get_nowait()
-    assert inbox.urgent == 0
+def test_a_verify_worker_decides_an_urgent_batch_before_finishing_a_bulk_one(pki: Pki, dev_a: KeySigner) -> None:
+    settings = GatewaySettings(pki_dir=pki.root, broker="h:1", db_path=Path("unused.db"))
+    bulk = [(up("dev-a"), envelope(dev_a, seq), NOW) for seq in range(1, 1201)]
+    alarm = [(up("dev-a", "event"), envelope(dev_a, 1201, kind="event", body={"type": "panic"}), NOW)]
+    (bulk_here, bulk_there), (urgent_here, urgent_there) = multiprocessing.Pipe(), multiprocessing.Pipe()
+    worker = threading.Thread(target=_serve, args=(bulk_there, urgent_there, settings, {}), daemon=True)
+    worker.start()
+    assert bulk_here.recv() == "ready"
+    bulk_here.send(bulk)
+    urgent_here.send(alarm)
+    assert urgent_here.poll(10)
+    answer = urgent_here.recv()
+    assert [(r.device_id, r.seq, r.kind) for r in answer.records] == [("dev-a", 1201, "event")]
+    assert not bulk_here.poll(0)  # 1,200 signature checks are still being made
+    decided = bulk_here.recv()
+    assert [r.seq for r in decided.records] == list(range(1, 1201))
+    assert not decided.rejected  # overtaken telemetry is late at most, never refused
+    bulk_here.send(None)
+    worker.join(5)
+    assert not worker.is_alive()
