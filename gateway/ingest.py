@@ -102,7 +102,10 @@ LOG_REJECTIONS = 5
 #: 1000 in `bluelight.broker`.
 DOWNLINK_INFLIGHT = 1000
 #: Receipts published at once; the rest of the in-flight window is left for alerts.
-RECEIPT_ROUND = DOWNLINK_INFLIGHT // 2
+RECEIPT_ROUND = DOWNLINK_INFLIGHT // 2  # a multiple of LOOP_SLICE
+#: Receipts signed, or stored records fed to the picture, between two yields to the
+#: event loop (each slice is a few milliseconds, so an alarm never waits for a burst).
+LOOP_SLICE = 50
 #: Kinds read on the urgent connection: alarms and officers' answers to alerts drive
 #: dispatch, so they must never wait in the broker's queue behind a telemetry backlog.
 #: Each batch of them is decided and committed at once, ahead of telemetry.
@@ -872,8 +875,12 @@ class Ingest:
         result = await self._commit(batch)
         self.committed += result.inserted
         self._ack(batch)
-        if self.on_stored is not None and batch.decided.records:
-            self.on_stored(batch.decided.records)
+        records = batch.decided.records
+        if self.on_stored is not None:
+            for i in range(0, len(records), LOOP_SLICE):
+                if i:
+                    await asyncio.sleep(0)  # an alarm waiting on the loop goes first
+                self.on_stored(records[i : i + LOOP_SLICE])
         for device, seqs in result.receipts.items():
             self.receipts.add(device, seqs)
         if result.receipts:
@@ -964,8 +971,11 @@ class Ingest:
         than a round outstanding (a burst of thousands once made ids collide and the
         client stop sending for good)."""
         for i in range(0, len(due), RECEIPT_ROUND):
-            items = [(device, "cmd", receipt_body(seqs)) for device, seqs in due[i : i + RECEIPT_ROUND]]
-            sends = [client.publish(topic, data, qos=1) for topic, data in await self._seal_down(items)]
+            sends = []
+            for j in range(i, min(i + RECEIPT_ROUND, len(due)), LOOP_SLICE):
+                items = [(device, "cmd", receipt_body(seqs)) for device, seqs in due[j : j + LOOP_SLICE]]
+                sends += [client.publish(topic, data, qos=1) for topic, data in await self._seal_down(items)]
+                await asyncio.sleep(0)  # an alarm waiting on the loop goes first
             for outcome in await asyncio.gather(*sends, return_exceptions=True):
                 if isinstance(outcome, aiomqtt.MqttError):
                     self.receipts_failed += 1
