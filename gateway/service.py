@@ -78,6 +78,7 @@ class Gateway:
             audit = await asyncio.to_thread(AuditLog.open, s.db_path, signer)
             ingest = self.ingest = Ingest(s, store, tls_context=mqtt_tls, signer=signer)
             situation = self.situation = SituationService.from_settings(s, ingest, audit)
+            await situation.restore(s.state_path, s.db_path)
             ingest.on_stored = situation.on_stored
             app = create_app(s.db_path, gateway_id=s.gateway_id, live=ingest.live, situation=situation)
             server = QuietServer(server_config(app, http_tls))
@@ -100,8 +101,10 @@ class Gateway:
                 ingest_task.cancel()
                 for task in (situation_task, retention_task, stop):
                     task.cancel()
-                await situation.flush_audit()
+                await situation.flush()
         finally:
+            if self.situation is not None:
+                await self.situation.close()
             sock.close()
             store.close()
             if audit is not None:

@@ -125,6 +125,12 @@ class GatewaySettings:
         return parse_hostport(self.broker)[1]
 
     @property
+    def state_path(self) -> Path:
+        """Where the situational picture's durable state is kept: beside the store
+        (`gw.db` -> `gw.situation.db`)."""
+        return self.db_path.with_suffix(".situation.db")
+
+    @property
     def retention(self) -> Retention:
         """The retention rule for `Store.prune`."""
         from gateway.store import Retention  # noqa: PLC0415 - settings load without the store's extras

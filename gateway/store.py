@@ -435,6 +435,32 @@ class Store:
         )
         return [{**row, "skewed": bool(row["skewed"]), "body": orjson.loads(row["body"])} for row in rows]
 
+    def restart_feed(self, *, fixes_since_ms: int, after_recv_ms: int | None,
+                     limit: int = 50_000) -> list[dict[str, Any]]:
+        """What a restarted gateway's picture reads back, oldest first (by `recv_ts`): each
+        device's latest status (the one `devices.status_seq` names), its latest telemetry
+        received at or after `fixes_since_ms`, and events and acks received after
+        `after_recv_ms` (None: none), at most `limit` of those. Rows: device_id, seq,
+        kind, ts, recv_ts, body (JSON text). Index range scans only."""
+        conn = self.db.conn
+        rows = conn.execute(
+            "SELECT m.device_id, m.seq, m.kind, m.ts, m.recv_ts, m.body FROM devices d "
+            "JOIN messages m ON m.device_id = d.id AND m.seq = d.status_seq WHERE d.status_seq IS NOT NULL"
+        ).fetchall()
+        # SQLite takes the bare columns from the row holding the max()
+        rows += [r[:6] for r in conn.execute(
+            "SELECT device_id, seq, kind, ts, recv_ts, body, max(recv_ts) FROM messages "
+            "WHERE recv_ts >= ? AND kind = 'telemetry' GROUP BY device_id", (fixes_since_ms,)
+        )]
+        if after_recv_ms is not None:
+            rows += conn.execute(
+                "SELECT device_id, seq, kind, ts, recv_ts, body FROM messages "
+                "WHERE recv_ts > ? AND kind IN ('event', 'ack') ORDER BY recv_ts, device_id, seq LIMIT ?",
+                (after_recv_ms, limit),
+            ).fetchall()
+        keys = ("device_id", "seq", "kind", "ts", "recv_ts", "body")
+        return [dict(zip(keys, r, strict=True)) for r in sorted(rows, key=lambda r: (r[4], r[0], r[1]))]
+
     def raw(self, device_id: str, seq: int) -> bytes | None:
         """The signed envelope as received, for re-verification and audit."""
         rows = list(self.db.query("SELECT raw FROM messages WHERE device_id = ? AND seq = ?", [device_id, seq]))

@@ -27,6 +27,7 @@ from typing import Any
 from edge_agent.wire.model import ANSWERS
 from gateway.core.decide import Choice, IncidentView, Recommendation, render, template_values
 from gateway.core.policy import Rule
+from gateway.core.snapshot import Record, SnapshotError, obj, rule_from, rule_record, seq, view_from, view_record
 
 GATEWAY = "gateway"
 #: How often an incident that could not get all the units its rule asks for looks for
@@ -256,11 +257,63 @@ class AlertBook:
         """Alerts still waiting for an answer (the control room's 'who has not answered')."""
         return [self.alert(a.alert_id) for a in self._alerts.values() if a.state in AWAITING]
 
+    def unreceived(self, now_ms: int) -> list[AlertOut]:
+        """Alerts sent that no device has acknowledged yet and that have not expired, in
+        order: after a restart they are published again (the gateway cannot know whether
+        it published them before it stopped; a device takes an alert id once)."""
+        return [a.out for a in sorted(self._alerts.values(), key=lambda a: _alert_order(a.alert_id))
+                if a.state is S.SENT and a.expires_ts > now_ms]
+
     def forget(self, incident_id: str) -> None:
         """Drop a closed incident's alerts from memory (they are in the audit log)."""
         self._incidents.pop(incident_id, None)
         for alert_id in [a for a, alert in self._alerts.items() if alert.incident_id == incident_id]:
             del self._alerts[alert_id]
+
+    # -- saving and restoring (plain data, see gateway.core.snapshot) -----------------------
+
+    def incident_ids(self) -> list[str]:
+        return list(self._incidents)
+
+    def export_incident(self, incident_id: str) -> Record | None:
+        """One incident's alerts, slots and escalation state as plain data (None: it has
+        none). Times are absolute, so a restored book times out and escalates where this
+        one would have."""
+        inc = self._incidents.get(incident_id)
+        if inc is None:
+            return None
+        alerts = [self._alerts[a] for s in inc.slots for a in s.alerts]
+        return {
+            "incident": view_record(inc.incident), "rule": rule_record(inc.rule), "lat": inc.lat, "lon": inc.lon,
+            "alternatives_shown": inc.alternatives_shown, "attempts": inc.attempts, "closed": inc.closed,
+            "unfilled": list(inc.unfilled), "next_refill_ms": inc.next_refill_ms,
+            "slots": [{"role": s.role, "alerts": list(s.alerts), "escalations": s.escalations, "pending": s.pending,
+                       "exhausted": s.exhausted} for s in inc.slots],
+            "alerts": [{"alert_id": a.alert_id, "unit_id": a.unit_id, "slot": a.slot, "attempt": a.attempt,
+                        "expires_ts": a.expires_ts, "state": a.state.value, "body": dict(a.out.body),
+                        "history": [[h.state.value, h.ts_ms, h.by] for h in a.history]} for a in alerts],
+        }
+
+    @classmethod
+    def restore(cls, records: Mapping[str, Mapping[str, Any]]) -> AlertBook:
+        """A book from `export_incident` records by incident id. Raises `SnapshotError`
+        (nothing half-restored: the caller gets a whole book or none)."""
+        book = cls()
+        for incident_id, record in records.items():
+            try:
+                inc, alerts = _incident_from(obj(record, f"alerts of {incident_id}"))
+            except (KeyError, TypeError, ValueError, IndexError) as exc:
+                if isinstance(exc, SnapshotError):
+                    raise SnapshotError(f"alerts of incident {incident_id}: {exc}") from None
+                raise SnapshotError(f"alerts of incident {incident_id}: bad or missing {exc!s}") from None
+            if inc.incident.id != incident_id:
+                raise SnapshotError(f"alerts of incident {incident_id} name incident {inc.incident.id}")
+            clash = set(alerts) & set(book._alerts)
+            if clash:
+                raise SnapshotError(f"alert ids saved twice: {sorted(clash)}")
+            book._incidents[incident_id] = inc
+            book._alerts.update(alerts)
+        return book
 
     def take_audit(self) -> list[Change]:
         """Every change since the last call, whichever method made it, oldest first."""
@@ -537,6 +590,38 @@ class AlertBook:
         self._issue(inc, alert.slot, changes, now_ms=now_ms, by=by, why=reason, unit_id=new_unit_id,
                     extra_reasons=(f"assigned by operator {by.removeprefix('operator:')}: {reason}",))
         return changes
+
+
+def _incident_from(data: Mapping[str, Any]) -> tuple[_Incident, dict[str, _Alert]]:
+    view = view_from(obj(data["incident"], "incident"))
+    inc = _Incident(view, rule_from(obj(data["rule"], "rule")), float(data["lat"]), float(data["lon"]),
+                    int(data["alternatives_shown"]), attempts=int(data["attempts"]), closed=bool(data["closed"]),
+                    unfilled=[str(r) for r in seq(data["unfilled"], "unfilled")],
+                    next_refill_ms=int(data["next_refill_ms"]))
+    for item in seq(data["slots"], "slots"):
+        s = obj(item, "slots[]")
+        inc.slots.append(_Slot(str(s["role"]), [str(a) for a in seq(s["alerts"], "slot alerts")],
+                               int(s["escalations"]), bool(s["pending"]), bool(s["exhausted"])))
+    alerts: dict[str, _Alert] = {}
+    for item in seq(data["alerts"], "alerts"):
+        a = obj(item, "alerts[]")
+        alert_id, unit, slot_no = str(a["alert_id"]), str(a["unit_id"]), int(a["slot"])
+        body = dict(obj(a["body"], f"{alert_id}.body"))
+        slot = inc.slots[slot_no]
+        out = AlertOut(alert_id, view.id, unit, str(body["action"]), float(body["lat"]), float(body["lon"]),
+                       tuple(str(r) for r in seq(body["reasons"], "reasons")), int(a["expires_ts"]),
+                       tuple(dict(obj(x, "alternatives[]")) for x in seq(body["alternatives"], "alternatives")),
+                       slot.role, int(a["attempt"]), body)
+        history = [HistoryEntry(AlertState(h[0]), int(h[1]), str(h[2])) for h in seq(a["history"], "history")]
+        alerts[alert_id] = _Alert(alert_id, view.id, unit, slot_no, int(a["attempt"]), int(a["expires_ts"]), out,
+                                  AlertState(a["state"]), history)
+    listed = [a for s in inc.slots for a in s.alerts]
+    if sorted(listed) != sorted(alerts) or len(set(listed)) != len(listed):
+        raise SnapshotError(f"slots list alerts {sorted(listed)} but {sorted(alerts)} are saved")
+    for alert in alerts.values():
+        if alert.alert_id not in inc.slots[alert.slot].alerts:
+            raise SnapshotError(f"alert {alert.alert_id} is not in its slot {alert.slot}")
+    return inc, alerts
 
 
 def _pick(rec: Recommendation, role: str, asked: Iterable[str]) -> Choice | None:

@@ -23,6 +23,7 @@ import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from edge_agent.wire.geo import LatLon, displacement_m
 from gateway.core.track import FusionError
@@ -194,6 +195,19 @@ class GeofenceMonitor:
                 events.append(GeofenceEvent("coverage_restored", zone.zone_id, t_ms, units_inside=count,
                                             min_units=zone.min_units))
         return events
+
+    def export_state(self) -> dict[str, list[Any]]:
+        """Who is inside which zone and which coverage zones are short, as plain data (so a
+        restored monitor does not report a breach or a gap again)."""
+        return {"inside": sorted([z, u] for z, u in self._inside), "short": sorted(self._short),
+                "checked": sorted(self._checked)}
+
+    def restore_state(self, data: Mapping[str, Any]) -> None:
+        """The state `export_state` gave; zones no longer configured are left out."""
+        inside = {(str(z), str(u)) for z, u in data.get("inside", [])}
+        self._inside = {k for k in inside if k[0] in self.zones}
+        self._short = {str(z) for z in data.get("short", []) if z in self.zones}
+        self._checked = {str(z) for z in data.get("checked", []) if z in self.zones}
 
     @property
     def gaps(self) -> frozenset[str]:

@@ -21,6 +21,7 @@ same subject's alarms, or the same type within `merge_radius_m` and `merge_windo
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from gateway.core.anpr import Hotlist, PlateSightings, Sighting
 from gateway.core.decide import IncidentView, UnitView
 from gateway.core.geofence import GeofenceEvent, GeofenceMonitor, Polygon, Zone
 from gateway.core.multilat import Detection, MultilatError, locate
+from gateway.core.snapshot import Record, SnapshotError, obj, seq
 from gateway.core.track import BadFix, Track, TrackEstimate
 
 UNIT_KINDS = frozenset({"officer", "vehicle"})
@@ -451,6 +453,73 @@ class Picture:
         update.deltas += [self._sensor_delta(s) for s in self.sensors.values()]
         return update
 
+    # -- saving and restoring (plain data, see gateway.core.snapshot) -----------------------
+
+    def export_incident(self, incident_id: str) -> Record | None:
+        inc = self.incidents.get(incident_id)
+        return None if inc is None else dataclasses.asdict(inc)
+
+    def export_unit(self, unit_id: str) -> Record | None:
+        """What a unit's track cannot tell again: its state, commitment and status
+        sequence (None when there is nothing of that). Tracks are rebuilt from fixes."""
+        unit = self.units.get(unit_id)
+        if unit is None or (unit.state == "unknown" and unit.online is None and not unit.status_seq):
+            return None
+        return {"state": unit.state, "online": unit.online, "status_seq": unit.status_seq,
+                "incident_id": unit.incident_id, "battery": unit.battery, "last_seen_ms": unit.last_seen_ms}
+
+    def export_meta(self) -> Record:
+        return {"next_incident": self._next_incident, "geofences": self.geofences.export_state()}
+
+    def restore_state(self, meta: Mapping[str, Any], incidents: Mapping[str, Mapping[str, Any]],
+                      units: Mapping[str, Mapping[str, Any]]) -> None:
+        """Incidents, units' states and geofence state as `export_*` gave them. Raises
+        `SnapshotError` and changes nothing when a record does not parse."""
+        names = {f.name for f in dataclasses.fields(Incident)}
+        restored: dict[str, Incident] = {}
+        for incident_id, record in incidents.items():
+            try:
+                values = dict(obj(record, f"incident {incident_id}"))
+                if set(values) - names:
+                    raise SnapshotError(f"unknown fields {sorted(set(values) - names)}")
+                inc = Incident(**values)
+                inc.lat, inc.lon, inc.t_ms, inc.opened_ms = float(inc.lat), float(inc.lon), int(inc.t_ms), \
+                    int(inc.opened_ms)
+                inc.detail, inc.sources = dict(obj(inc.detail, "detail")), [str(x) for x in seq(inc.sources, "sources")]
+            except (TypeError, ValueError) as exc:
+                raise SnapshotError(f"incident {incident_id}: {exc}") from None
+            if inc.id != incident_id or inc.status not in ("open", "assigned", "closed"):
+                raise SnapshotError(f"incident {incident_id}: id {inc.id!r}, status {inc.status!r}")
+            restored[incident_id] = inc
+        fresh: dict[str, Unit] = {}
+        for unit_id, record in units.items():
+            try:
+                r = obj(record, f"unit {unit_id}")
+                unit = Unit(self.registry.get(unit_id), unit_id, Track(unit_id), state=str(r["state"]),
+                            online=None if r["online"] is None else bool(r["online"]),
+                            status_seq=int(r["status_seq"]),
+                            incident_id=None if r["incident_id"] is None else str(r["incident_id"]),
+                            last_seen_ms=int(r["last_seen_ms"]),
+                            battery=None if r["battery"] is None else float(r["battery"]))
+            except (KeyError, TypeError, ValueError) as exc:
+                raise SnapshotError(f"unit {unit_id}: bad or missing {exc}") from None
+            if unit.state not in STATES:
+                raise SnapshotError(f"unit {unit_id}: unknown state {unit.state!r}")
+            if unit.info is not None and unit.info.kind in SENSOR_KINDS:
+                continue
+            fresh[unit_id] = unit
+        try:
+            next_incident = int(meta["next_incident"])
+            geofences = GeofenceMonitor(self.registry.zones)
+            geofences.restore_state(obj(meta.get("geofences", {}), "geofences"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SnapshotError(f"picture meta: bad or missing {exc}") from None
+        self.incidents = restored
+        self.units.update(fresh)
+        self._dirty.update(("units", u) for u in fresh)
+        self._next_incident = max(self._next_incident, next_incident)
+        self.geofences = geofences
+
     # -- output ------------------------------------------------------------------------------
 
     def unit_views(self, now_ms: int) -> list[UnitView]:
@@ -545,6 +614,8 @@ class Picture:
         else:
             return Update()  # an alarm with no position at all: stored, shown nowhere
         source = f"{unit.id}:{seq}"
+        if any(source in inc.sources for inc in self.incidents.values()):
+            return Update()  # taken already (replayed from the store after a restart)
         merge_types = OFFICER_DOWN if type_ in OFFICER_DOWN else frozenset({type_})
         for inc in self.incidents.values():
             if (inc.status != "closed" and inc.subject == unit.id and inc.type in merge_types

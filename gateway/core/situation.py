@@ -11,6 +11,13 @@ A new incident is decided at once (`decide.recommend` under the policy) and its 
 opened; officers' answers move the alerts and the units (accepted -> committed,
 arrived -> at_scene); unanswered alerts escalate on `tick`. Operators open incidents,
 override (reassign or cancel) and close them. Pure: `now_ms` is passed in.
+
+Durable state (`gateway.core.snapshot`): `export_state()` is the whole of it as plain
+data, `take_state_changes()` the records changed since the last call (for the shell to
+write), `restore_state(data)` puts it back after a restart: incidents (open, and closed
+ones still shown), their alerts with history, slots, escalation counts and absolute
+timeouts, recommendations, units' states and commitments, geofence state and the
+incident counter. Tracks are not saved: they are rebuilt from fixes.
 """
 
 from __future__ import annotations
@@ -24,9 +31,22 @@ from gateway.core.alerts import AlertBook, AlertError, AlertOut, AlertState, Cha
 from gateway.core.decide import IncidentView, Recommendation, recommend
 from gateway.core.picture import Delta, Picture, StoredMessage, Update, feature
 from gateway.core.policy import Policy
+from gateway.core.snapshot import (
+    SNAPSHOT_VERSION,
+    Record,
+    SnapshotError,
+    StateChanges,
+    check_version,
+    obj,
+    recommendation_from,
+    recommendation_record,
+)
 from gateway.core.streets import EtaModel
 
 GATEWAY = "gateway"
+#: Message kinds that can change durable state without a picture delta: when one is
+#: seen, the watermark (`seen_recv_ms`) is saved, so a restart replays only later ones.
+DURABLE_KINDS = frozenset({"event", "ack", "status"})
 #: What an alert's state does to the unit that holds it.
 UNIT_STATE_FOR = {AlertState.ACCEPTED: "committed", AlertState.ARRIVED: "at_scene"}
 
@@ -53,12 +73,22 @@ class Situation:
         self.eta_model = eta_model
         self.alerts = AlertBook()
         self.recommendations: dict[str, Recommendation] = {}
+        #: The latest gateway receive time of any message observed (the replay watermark).
+        self.seen_recv_ms = 0
+        self._dirty_incidents: set[str] = set()
+        self._dirty_units: set[str] = set()
+        self._dirty_meta = False
 
     # -- inputs ------------------------------------------------------------------------------
 
     def observe(self, messages: Iterable[StoredMessage], now_ms: int) -> Output:
         out = Output()
         for message in messages:
+            self.seen_recv_ms = max(self.seen_recv_ms, message.recv_ms)
+            if message.kind in DURABLE_KINDS:
+                self._dirty_meta = True
+                if message.kind == "status":
+                    self._dirty_units.add(message.device_id)
             self._apply(self.picture.observe(message, now_ms), now_ms, out)
         return out
 
@@ -104,7 +134,9 @@ class Situation:
         if self.alerts.alerts_for(incident_id):  # cancel what is open, stop escalating
             self.alerts.override(incident_id, by, now_ms, reason=reason or "closed", cancel=True)
             self._changes(now_ms, out)
-        out.deltas += self.picture.close_incident(incident_id, now_ms).deltas
+        closed = self.picture.close_incident(incident_id, now_ms)
+        self._mark(closed.deltas)
+        out.deltas += closed.deltas
         out.audit.append(AuditRecord("incident.closed", by, incident_id, {"reason": reason}, now_ms))
 
     # -- views -------------------------------------------------------------------------------
@@ -117,6 +149,78 @@ class Situation:
             "history": [{"state": h.state.value, "ts": h.ts_ms, "by": h.by} for h in view.history],
         }
 
+    # -- durable state -----------------------------------------------------------------------
+
+    def export_state(self) -> Record:
+        """Everything a restarted gateway needs, as plain data (`gateway.core.snapshot`)."""
+        units = {u: r for u in self.picture.units if (r := self.picture.export_unit(u)) is not None}
+        return {"version": SNAPSHOT_VERSION, "meta": self._meta_record(),
+                "incidents": {i: self._incident_record(i) for i in self.picture.incidents}, "units": units}
+
+    def take_state_changes(self) -> StateChanges:
+        """The records changed since the last call (None: delete it); the meta record
+        comes with any change."""
+        incidents, self._dirty_incidents = self._dirty_incidents, set()
+        units, self._dirty_units = self._dirty_units, set()
+        changes = StateChanges(None, {i: self._incident_record(i) for i in sorted(incidents)},
+                               {u: self.picture.export_unit(u) for u in sorted(units)})
+        if changes or self._dirty_meta:
+            changes.meta = self._meta_record()
+        self._dirty_meta = False
+        return changes
+
+    def restore_state(self, data: Record) -> dict[str, int]:
+        """Put back what `export_state` gave (on a fresh situation, before any message).
+        Raises `SnapshotError` and changes nothing if any part does not parse. Returns
+        counts for the log."""
+        check_version(data)
+        meta, incidents, units = (obj(data.get(k), k) for k in ("meta", "incidents", "units"))
+        pictures: dict[str, Any] = {}
+        books: dict[str, Any] = {}
+        recs: dict[str, Recommendation] = {}
+        try:
+            seen = int(meta.get("seen_recv_ms", 0))
+            for incident_id, item in incidents.items():
+                record = obj(item, f"incident {incident_id}")
+                pictures[incident_id] = record["picture"]
+                if record.get("alerts") is not None:
+                    books[incident_id] = record["alerts"]
+                if record.get("recommendation") is not None:
+                    recs[incident_id] = recommendation_from(obj(record["recommendation"], "recommendation"))
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, SnapshotError):
+                raise
+            raise SnapshotError(f"incidents: bad or missing {exc}") from None
+        book = AlertBook.restore(books)
+        missing = set(book.incident_ids()) - set(pictures)
+        if missing:
+            raise SnapshotError(f"alerts saved for incidents that are not: {sorted(missing)}")
+        self.picture.restore_state(meta, pictures, units)  # last: it changes nothing unless all parse
+        self.alerts, self.recommendations = book, recs
+        self.seen_recv_ms = max(self.seen_recv_ms, seen)
+        return {"incidents": len(pictures),
+                "open": sum(i.status != "closed" for i in self.picture.incidents.values()),
+                "alerts": sum(len(book.alerts_for(i)) for i in book.incident_ids()),
+                "unanswered": len(book.unanswered()), "units": len(units)}
+
+    def _meta_record(self) -> Record:
+        return {**self.picture.export_meta(), "seen_recv_ms": self.seen_recv_ms}
+
+    def _incident_record(self, incident_id: str) -> Record | None:
+        picture = self.picture.export_incident(incident_id)
+        if picture is None:
+            return None
+        rec = self.recommendations.get(incident_id)
+        return {"picture": picture, "alerts": self.alerts.export_incident(incident_id),
+                "recommendation": None if rec is None else recommendation_record(rec)}
+
+    def _mark(self, deltas: Iterable[Delta]) -> None:
+        for delta in deltas:
+            if delta.layer == "incidents":
+                self._dirty_incidents.add(delta.id)
+            elif delta.layer == "units":
+                self._dirty_units.add(delta.id)
+
     # -- plumbing ----------------------------------------------------------------------------
 
     def _again(self, now_ms: int) -> RecommendAgain:
@@ -124,12 +228,17 @@ class Situation:
             rec = recommend(incident, self.picture.unit_views(now_ms), self.policy, self.eta_model, now_ms,
                             exclude=exclude)
             self.recommendations[incident.id] = rec
+            self._dirty_incidents.add(incident.id)
             return rec
 
         return again
 
     def _apply(self, update: Update, now_ms: int, out: Output, *, by: str = GATEWAY) -> None:
         out.deltas += update.deltas
+        self._mark(update.deltas)
+        self._dirty_incidents.update(update.new_incidents, update.forgotten)
+        if update.new_incidents:
+            self._dirty_meta = True
         for incident_id in update.new_incidents:
             incident = self.picture.incidents[incident_id]
             view = incident.view()
@@ -162,6 +271,7 @@ class Situation:
         """Everything the alert book did since the last call: audit it, publish what it
         sends, move the units it concerns."""
         for change in self.alerts.take_audit():
+            self._dirty_incidents.add(change.incident_id)
             out.audit.append(AuditRecord(_action(change), change.by, change.alert_id or change.incident_id,
                                          change.audit(), change.ts_ms))
             if change.send is not None:
@@ -177,10 +287,12 @@ class Situation:
                 if state is not None:
                     out.deltas.append(self.picture.set_state(change.unit_id, state, now_ms,
                                                              incident_id=change.incident_id))
+                    self._dirty_units.add(change.unit_id)
                 elif change.state in (AlertState.OVERRIDDEN, AlertState.CANCELLED):
                     unit = self.picture.units.get(change.unit_id)
                     if unit is not None and unit.incident_id == change.incident_id:
                         out.deltas.append(self.picture.set_state(change.unit_id, "available", now_ms))
+                        self._dirty_units.add(change.unit_id)
 
     def _alert_delta(self, alert_id: str) -> Delta:
         return Delta("alerts", alert_id, "upsert", feature("alert", alert_id, None, None, self.alert_json(alert_id)))

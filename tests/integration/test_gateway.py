@@ -77,6 +77,7 @@ class Device:
         self.receipts: list[Message] = []
         self.receipted: set[int] = set()
         self.alerts: list[Message] = []
+        self.withdrawn: list[str] = []
 
     def seal(self, seq: int, kind: str = "telemetry", body: dict[str, Any] | None = None) -> bytes:
         return seal(Message(self.id, seq, now_ms(), kind, BODY if body is None else body), self.signer)
@@ -97,6 +98,9 @@ class Device:
             assert receipt.sender == "gateway"
             if receipt.kind == "alert":
                 self.alerts.append(receipt)
+                continue
+            if receipt.body["type"] == "withdraw":  # an alert that timed out or was reassigned
+                self.withdrawn.append(receipt.body["alert_id"])
                 continue
             assert receipt.body["type"] == "receipt"
             self.receipts.append(receipt)
