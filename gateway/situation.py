@@ -614,9 +614,6 @@ class SituationService:
             return
         self.counts["state_rows_written"] += rows
 
-    #: The name callers used before the state file existed.
-    flush_audit = flush
-
     async def close(self) -> None:
         """After the last `flush`: close the state file and stop the DB thread."""
         if self._state is not None:

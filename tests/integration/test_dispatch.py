@@ -149,7 +149,7 @@ async def test_panic_to_alert_to_acceptance_with_audit(
         device_post = await stack.enter_async_context(client(pki, "disp-a"))
         refused = await device_post.post(f"{gw.api_url}/incidents", json={"lat": 51.5, "lon": -0.12})
         assert refused.status_code == 403
-        await gw.situation.flush_audit()
+        await gw.situation.flush()
 
     report = verify_db(settings.db_path, audit_keys(pki))
     assert report.ok, report

@@ -131,7 +131,7 @@ async def test_operators_change_the_hotlist_and_a_read_hits_at_once(
         assert again.json()["error"] == "not_found"
         assert plates((await api.get(url)).json()) == ["RF19XKD"]
         assert load_hotlist(hotlist).get("AB12CDE") is None
-        await gw.situation.flush_audit()
+        await gw.situation.flush()
 
     report = verify_db(settings.db_path, audit_keys(pki))
     assert report.ok, report
