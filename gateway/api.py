@@ -89,6 +89,10 @@ class Stats(BaseModel):
     devices: int = 0
     stored: int = 0
     ingest: dict[str, Any] | None = Field(None, description="This process's live ingest figures.")
+    situation: dict[str, Any] | None = Field(
+        None, description="The situational picture's counters (alerts published and retried, flags, audit "
+        "entries, state saved and restored, answers refused by reason)."
+    )
 
 
 class Device(BaseModel):
@@ -269,7 +273,8 @@ def create_app(
     async def stats() -> Stats:
         figures = await read(Store.stats)
         figures["rejected"] = {reason: figures["rejected"].get(reason, 0) for reason in REASONS}
-        return Stats(**figures, ingest=live() if live is not None else None)
+        return Stats(**figures, ingest=live() if live is not None else None,
+                     situation=situation.live() if situation is not None else None)
 
     @router.get("/devices", response_model=list[Device], summary="Every device that sent a valid message")
     async def devices() -> list[Device]:

@@ -131,6 +131,9 @@ async def test_panic_to_alert_to_acceptance_with_audit(
         [incident] = (await api.get(f"{gw.api_url}/incidents")).json()
         assert (incident["type"], incident["subject"]) == ("panic", "disp-a")
         assert incident["recommendation"]["chosen"]
+        stats = (await api.get(f"{gw.api_url}/stats")).json()
+        assert stats["situation"]["alert_published"] >= 3
+        assert stats["ingest"]["connected"] is True
 
         seen: dict[str, Any] = {}
         async with asyncio.timeout(5):
