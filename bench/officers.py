@@ -39,6 +39,7 @@ import http.client
 import math
 import os
 import random
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -101,7 +102,7 @@ TARGET_P99_MS = 250.0
 FIGURE_KEYS = frozenset(
     {"machine", "started", "config", "load", "latency", "choice", "incidents", "background", "cpu", "target"}
 )
-LATENCY_KEYS = frozenset({"first", "all", "opened", "sealed", "delivery"})
+LATENCY_KEYS = frozenset({"first", "all", "received", "stored", "opened", "sealed", "delivery"})
 #: Incident counts in the figures' `choice`.
 CHOICE_COUNTS = (
     "incidents", "with_alerts", "subject_alerted", "count_right", "count_wrong", "settled", "matched_policy",
@@ -589,6 +590,20 @@ def summarise_fleet(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return latency, choice, rows
 
 
+def _gateway_times(db_path: Path, panics: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each panic's publish -> received (`recv_ts`) and -> stored (`stored_ts`), from the
+    gateway's store (its clock; the same machine's)."""
+    received, stored = [], []
+    with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5)) as db:
+        for p in panics:
+            row = db.execute("SELECT recv_ts, stored_ts FROM messages WHERE device_id = ? AND seq = ?",
+                             (p["subject"], p["seq"])).fetchone()
+            if row is not None:
+                received.append(row[0] - p["t0_wall_ms"])
+                stored.append(row[1] - p["t0_wall_ms"])
+    return {"received": _stats(received), "stored": _stats(stored)}
+
+
 # --------------------------------------------------------------------------- harness
 
 
@@ -667,11 +682,13 @@ def run_dispatch(cfg: DispatchConfig, root: Path, log: Log = print) -> dict[str,
         fleet.send("stop")
         officer_sent[0] = sum(o["sent"] for o in result["officers"].values())
         real = finish_real(ws, pubs, published_msgs, store, gateway, delivered, meter, cfg.drain_timeout, progress)
+        gateway_times = _gateway_times(gateway.db_path, result["panics"])
         try:
             situation = gateway.get("/api/v1/stats").get("situation")
         except (OSError, http.client.HTTPException, BenchError):
             situation = None
     latency, choice, rows = summarise_fleet(result)
+    latency.update(gateway_times)
     cpu = real.pop("cpu")
     p99 = latency["first"]["p99_ms"]
     figures.update(

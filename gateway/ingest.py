@@ -660,6 +660,7 @@ class Ingest:
         self._db_thread: ThreadPoolExecutor | None = None
         self._seq_next = 0
         self._seq_end = 0
+        self._spare_seqs: asyncio.Future[tuple[int, int]] | None = None
         self._logged: Counter[str] = Counter()
         self.committed = 0
         self.overflow = 0
@@ -687,6 +688,8 @@ class Ingest:
                 tg.create_task(self._receipt_loop(), name="ingest-receipts")
                 tg.create_task(self._report_loop(), name="ingest-report")
         finally:
+            if self._spare_seqs is not None:
+                self._spare_seqs.cancel()
             if verifier is not None:
                 verifier.close()
             self._db_thread.shutdown(wait=True)
@@ -931,13 +934,24 @@ class Ingest:
                 await self._send_receipts(client, due)
 
     async def _take_seqs(self, n: int) -> int:
+        """The first of `n` of the gateway's sequence numbers. They are reserved in the
+        store a block at a time, the next block in the background once half of this one
+        is used, so a downlink seldom waits behind a commit for its number."""
         if self._seq_next + n > self._seq_end:
-            block = max(SEQ_BLOCK, n)
-            first = await self._on(self._db_thread, self.store.reserve_seqs, self.settings.gateway_id, block)
-            self._seq_next, self._seq_end = first, first + block
+            spare, self._spare_seqs = self._spare_seqs, None
+            first, end = await spare if spare is not None else (0, 0)
+            if end - first < n:
+                first, end = await self._reserve_seqs(max(SEQ_BLOCK, n))
+            self._seq_next, self._seq_end = first, end
         first = self._seq_next
         self._seq_next += n
+        if self._spare_seqs is None and self._seq_end - self._seq_next < SEQ_BLOCK // 2:
+            self._spare_seqs = asyncio.ensure_future(self._reserve_seqs(SEQ_BLOCK))
         return first
+
+    async def _reserve_seqs(self, n: int) -> tuple[int, int]:
+        first = await self._on(self._db_thread, self.store.reserve_seqs, self.settings.gateway_id, n)
+        return first, first + n
 
     async def _seal_down(self, items: Sequence[tuple[str, str, Mapping[str, Any]]]) -> list[tuple[str, bytes]]:
         """Sign `(device, kind, body)` downlinks with the gateway's next sequence numbers;

@@ -4,11 +4,14 @@ the property that nothing is accepted twice and nothing valid is lost."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
+import ssl
 import tempfile
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from edge_agent.wire.ids import Role
 from edge_agent.wire.topics import UP_KINDS, Topic
 from gateway.core import Accepted, IngestCore, ReceiptBook, Rejection, ReplayWindow, SkewEstimator, Verdict
 from gateway.core.tail import clock, message_line, rejection_line
-from gateway.ingest import BULK_KINDS, URGENT_KINDS, _serve, lane_filters, route
+from gateway.ingest import BULK_KINDS, SEQ_BLOCK, URGENT_KINDS, Ingest, _serve, lane_filters, route
 from gateway.settings import GatewaySettings, load_settings
 from gateway.store import Store
 
@@ -490,3 +493,19 @@ def test_a_verify_worker_decides_an_urgent_batch_before_finishing_a_bulk_one(pki
     bulk_here.send(None)
     worker.join(5)
     assert not worker.is_alive()
+
+
+async def test_the_gateways_own_sequence_numbers_never_repeat_across_reserved_blocks(pki: Pki, tmp_path: Path) -> None:
+    settings = GatewaySettings(pki_dir=pki.root, broker="h:1", db_path=tmp_path / "gw.db")
+    with Store.open(settings.db_path) as store:
+        ingest = Ingest(settings, store, tls_context=ssl.create_default_context(),
+                        signer=signer_for(pki.identity("gateway")))
+        ingest._db_thread = ThreadPoolExecutor(1)
+        try:
+            sizes = [1, 7, 500, 3, SEQ_BLOCK + 5, 250, 1] * 40  # receipt rounds and single alerts, concurrently
+            firsts = await asyncio.gather(*(ingest._take_seqs(n) for n in sizes))
+        finally:
+            ingest._db_thread.shutdown(wait=True)
+    taken = [seq for first, n in zip(firsts, sizes, strict=True) for seq in range(first, first + n)]
+    assert len(taken) == len(set(taken)) == sum(sizes)
+    assert min(taken) >= 1
