@@ -53,7 +53,7 @@ class GatewaySettings:
     #: Sent as MQTT 5 Receive Maximum too. At least 1024.
     queue_bound: int = 2000
     #: A device gets at most one receipt per this interval (the first at once).
-    receipt_interval_ms: int = 500
+    receipt_interval_ms: int = 2000
     #: How long the broker keeps the gateway's session (and queues for it) while it is
     #: down (MQTT 5; an MQTT 3.1.1 persistent session lasts until the broker's
     #: `persistent_client_expiration`).

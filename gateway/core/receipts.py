@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-DEFAULT_INTERVAL_MS = 500
+DEFAULT_INTERVAL_MS = 2000
 DEFAULT_MAX_SEQS = 1024
 
 
