@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from edge_agent.entry import RUN_OPTIONS, _path, defer_urllib_request, run_agent
+from edge_agent.entry import RUN_OPTIONS, _path, run_agent
 
-__all__ = ["agent", "defer_urllib_request", "run"]
+__all__ = ["agent", "run"]
 
 
 def _click_type(kind: Callable[[str], Any]) -> Any:

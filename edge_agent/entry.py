@@ -98,25 +98,31 @@ class _Deferred(types.ModuleType):
         return getattr(real, attribute)
 
 
-def defer_urllib_request() -> None:
-    """Import `urllib.request` only if something uses it. paho-mqtt imports it (and with
-    it http.client, email.parser, tempfile and shutil: ~1.5 MB RSS, about 4 % of an agent)
-    but uses it only to read proxy settings when PySocks is installed. (The stdlib's
-    `LazyLoader` does not help: on Python 3.11 the import statement itself reads the
-    module's `__spec__`, which runs it.) Done on the agent's own entry point only,
-    before paho is imported; any later use of the module gets the real one."""
-    name = "urllib.request"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        return
-    stub = _Deferred(name)
-    stub.__spec__ = spec
-    sys.modules[name] = stub
-    import urllib  # noqa: PLC0415
+#: Modules paho-mqtt imports but an agent never uses, each with what it would cost.
+#: `urllib.request` (and with it http.client, email.parser, tempfile and shutil: ~1.5 MB
+#: RSS) is read only for proxy settings when PySocks is installed; `uuid` (~0.1 MB) only
+#: for a client without an id (an agent's id is its certificate's CN) or over websockets.
+DEFERRED_IMPORTS = ("urllib.request", "uuid")
 
-    urllib.request = stub  # what a real import binds
+
+def defer_unused_imports(names: Sequence[str] = DEFERRED_IMPORTS) -> None:
+    """Import each of `names` only if something uses it: until then `sys.modules` holds a
+    stand-in that imports the real module on its first attribute access, so any later
+    use gets the real one. (The stdlib's `LazyLoader` does not help: on Python 3.11 the
+    import statement itself reads the module's `__spec__`, which runs it.) Done on the
+    agent's own entry point only, before paho is imported."""
+    for name in names:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue
+        stub = _Deferred(name)
+        stub.__spec__ = spec
+        sys.modules[name] = stub
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(importlib.import_module(parent), child, stub)  # what a real import binds
 
 
 def run_agent(config: Path | None, options: Mapping[str, Any]) -> None:
@@ -125,8 +131,8 @@ def run_agent(config: Path | None, options: Mapping[str, Any]) -> None:
 
     options = {**options, "panic_at_s": options.get("panic_at_s") or None}
     settings = load_settings(config, options)
-    defer_urllib_request()
-    from edge_agent.agent import Agent  # noqa: PLC0415 - after defer_urllib_request()
+    defer_unused_imports()
+    from edge_agent.agent import Agent  # noqa: PLC0415 - after defer_unused_imports()
 
     async def main() -> None:
         with Agent(settings) as device:
