@@ -1,3 +1,3 @@
-from bluelight.cli import main
+from bluelight.entry import main
 
 main()

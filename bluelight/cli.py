@@ -6,13 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
+from edge_agent.entry import configure_logging
 from edge_agent.errors import BluelightError
 
 #: Every role's subcommand (group), as "module:attribute", imported only when it is run
@@ -77,8 +76,7 @@ class BluelightGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="Debug log output.")
 def cli(verbose: int) -> None:
     """Bluelight: signed telemetry over mutual-TLS MQTT, a fusing gateway, officer alerts."""
-    level = logging.DEBUG if verbose else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(verbose)
 
 
 @cli.command()
@@ -105,4 +103,6 @@ def demo(**options: Any) -> None:
 
 
 def main() -> None:
+    """The click CLI; the console script is `bluelight.entry:main`, which runs an agent
+    without loading click."""
     cli(prog_name="bluelight")

@@ -12,16 +12,19 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, mldsa
 
-from certs.auditchain import KeyLookup
 from certs.pki import ISSUING_CA_KID, Pki, id_of, role_of
 from edge_agent.wire.envelope import PublicKey
 from edge_agent.wire.errors import Expired, Revoked, UnknownSender, WrongRole
 from edge_agent.wire.ids import InvalidId, Role, check_id
+
+if TYPE_CHECKING:
+    from certs.auditchain import KeyLookup
 
 
 @dataclass(frozen=True)

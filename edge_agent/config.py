@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,8 @@ def load_section(
     `None` overrides are ignored so unset CLI options do not mask the file."""
     values: dict[str, Any] = {}
     if path is not None:
+        import tomllib  # noqa: PLC0415 - only with a config file (an agent usually has none)
+
         try:
             data = tomllib.loads(Path(path).read_text())
         except FileNotFoundError:

@@ -15,6 +15,8 @@ from cryptography import x509
 
 from bluelight.cli import cli
 from certs.pki import Pki
+from edge_agent.cli import run as agent_run
+from edge_agent.entry import parse_run
 
 
 def _walk(command: click.Command, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
@@ -205,15 +207,63 @@ def test_agent_commands_do_not_import_the_other_roles() -> None:
     assert not unwanted, sorted(unwanted)
 
 
-def test_deferred_urllib_request_loads_on_first_use() -> None:
+def test_deferred_imports_load_on_first_use() -> None:
     loaded = _modules_after(
-        "from edge_agent.cli import defer_urllib_request\ndefer_urllib_request()\nimport edge_agent.agent"
+        "from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\nimport edge_agent.agent"
     )
     assert "paho.mqtt.client" in loaded
     assert "http.client" not in loaded
+    assert "_uuid" not in loaded  # `uuid` is only the stand-in
     after_use = _modules_after(
-        "from edge_agent.cli import defer_urllib_request\ndefer_urllib_request()\nimport edge_agent.agent\n"
+        "from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\nimport edge_agent.agent\n"
         "import urllib.request, paho.mqtt.client as p\nassert callable(p.urllib.request.getproxies)\n"
-        "assert type(urllib.request).__name__ == 'module', type(urllib.request)"
+        "assert type(urllib.request).__name__ == 'module', type(urllib.request)\n"
+        "assert len(p.uuid.uuid4().hex) == 32\nimport uuid\nassert type(uuid).__name__ == 'module'"
     )
     assert "http.client" in after_use
+    assert "_uuid" in after_use
+
+
+@pytest.mark.parametrize("verbose", [[], ["-vv", "--verbose"]])
+def test_agent_run_does_not_load_click_or_the_pki_audit_log(tmp_path: Path, verbose: list[str]) -> None:
+    """`bluelight agent run` goes through the click-free parser (`edge_agent.entry`)."""
+    argv = ["bluelight", *verbose, "agent", "run", "--pki", str(tmp_path), "--id", "dev-a", "--broker", "localhost:1"]
+    loaded = _modules_after(
+        f"import sys\nsys.argv = {argv!r}\nfrom bluelight.entry import main\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert exc.code == 1, exc.code"
+    )
+    assert "edge_agent.settings" in loaded  # it got as far as the settings (no CA bundle there)
+    assert "click" not in loaded
+    agent = _modules_after("from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\n"
+                           "import edge_agent.agent")
+    unwanted = {"click", "json", "getpass", "tomllib", "certs.auditchain", "certs.auditlog"} & agent
+    assert not unwanted, sorted(unwanted)
+
+
+def test_agent_run_errors_are_the_same_without_click(tmp_path: Path) -> None:
+    args = ["agent", "run", "--pki", str(tmp_path), "--id", "dev-a", "--broker", "localhost:1"]
+    fast = subprocess.run([sys.executable, "-m", "bluelight", *args], capture_output=True, text=True, timeout=60,
+                          check=False)
+    slow = _run(*args)
+    assert (fast.returncode, fast.stdout, fast.stderr) == (slow.exit_code, slow.stdout, slow.stderr)
+    assert fast.stderr.startswith("Error: no CA bundle at "), fast.stderr
+
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["--pki", "var/pki", "--id", "van-17", "--broker", "localhost:8883"],
+    ["--pki=var/pki", "--id=van-17", "--broker=h:1", "--rate", "2.5", "--seed", "7", "--outbox", "x.db"],
+    ["--panic-at", "30", "--panic-at=45.5", "--config", "agent.toml", "--rate", "1e1", "--rate", "3"],
+    ["--id", "", "--pki", "", "--seed", "1_000", "--rate", "inf"],
+])
+def test_the_click_free_parser_reads_what_click_reads(args: list[str]) -> None:
+    ctx = agent_run.make_context("run", list(args))
+    assert parse_run(args) == ctx.params
+
+
+@pytest.mark.parametrize("args", [
+    ["--help"], ["-h"], ["--rate"], ["--rate", "fast"], ["--seed", "1.5"], ["--rate", "-1"], ["--bogus", "1"],
+    ["--pk", "x"], ["extra"], ["--", "--id", "x"], ["--id", "x", "-v"],
+])
+def test_the_click_free_parser_leaves_anything_else_to_click(args: list[str]) -> None:
+    assert parse_run(args) is None
