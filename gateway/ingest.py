@@ -114,6 +114,8 @@ URGENT_KINDS = ("event", "ack")
 BULK_KINDS = ("telemetry", "status")
 #: Signature checks a worker makes on a bulk batch between looks at its urgent pipe.
 URGENT_CHECK = 32
+#: Urgent batches up to this size are written to the worker's pipe from the event loop.
+DIRECT_SEND = 64
 
 
 def lane_filters(group: str, kinds: Sequence[str]) -> list[str]:
@@ -433,11 +435,13 @@ def _verify_process(bulk: Connection, urgent: Connection, settings: GatewaySetti
 
 class _Channel:
     """One pipe to a worker: batches go down in order (on a sender thread, as a big
-    batch can fill the pipe) and results come back in order (on a reader thread)."""
+    batch can fill the pipe; a small urgent one from the loop) and results come back in
+    order (on a reader thread; urgent ones on the loop)."""
 
-    def __init__(self, conn: Connection, name: str) -> None:
+    def __init__(self, conn: Connection, name: str, *, urgent: bool) -> None:
         self.conn = conn
         self.name = name
+        self.urgent = urgent
         self.sender = ThreadPoolExecutor(1, thread_name_prefix=f"{name}-send")
         self.pending: deque[asyncio.Future[Decided]] = deque()
         self.reader: threading.Thread | None = None
@@ -473,7 +477,8 @@ class _Verifier:
                     self._thread_ends.append(child)
             self._workers.append(worker)
             for urgent, (parent, _child) in zip((False, True), pipes, strict=True):
-                self._channels[urgent].append(_Channel(parent, f"bl-verify-{'urgent' if urgent else 'bulk'}-{i}"))
+                name = f"bl-verify-{'urgent' if urgent else 'bulk'}-{i}"
+                self._channels[urgent].append(_Channel(parent, name, urgent=urgent))
         self._failed: IngestError | None = None
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -483,12 +488,14 @@ class _Verifier:
         loop = self._loop = asyncio.get_running_loop()
         bulk = self._channels[False]
         await asyncio.gather(*(loop.run_in_executor(bulk[i].sender, self._hello, i) for i in range(self._n)))
-        for channels in self._channels.values():
-            for i, channel in enumerate(channels):
-                channel.reader = threading.Thread(
-                    target=self._read, args=(i, channel, loop), name=f"{channel.name}-recv", daemon=True
-                )
-                channel.reader.start()
+        for i, channel in enumerate(self._channels[False]):
+            channel.reader = threading.Thread(
+                target=self._read, args=(i, channel, loop), name=f"{channel.name}-recv", daemon=True
+            )
+            channel.reader.start()
+        for i, channel in enumerate(self._channels[True]):
+            # Small results, read on the loop: no thread has to win the GIL back first.
+            loop.add_reader(channel.conn.fileno(), self._read_ready, i, channel)
 
     def _exit_code(self, i: int) -> int | None:
         worker = self._workers[i]
@@ -511,6 +518,16 @@ class _Verifier:
                     loop.call_soon_threadsafe(self._fail, i)
                 return
             loop.call_soon_threadsafe(self._resolve, channel, result)
+
+    def _read_ready(self, i: int, channel: _Channel) -> None:
+        try:
+            while channel.conn.poll():
+                self._resolve(channel, channel.conn.recv())
+        except (EOFError, OSError):
+            assert self._loop is not None
+            self._loop.remove_reader(channel.conn.fileno())
+            if not self._closing:
+                self._fail(i)
 
     @staticmethod
     def _resolve(channel: _Channel, result: Decided) -> None:
@@ -545,6 +562,14 @@ class _Verifier:
         assert self._loop is not None
         future: asyncio.Future[Decided] = self._loop.create_future()
         channel.pending.append(future)
+        if channel.urgent and len(raw) <= DIRECT_SEND:
+            # An urgent pipe carries nothing else, so a small batch never blocks here.
+            try:
+                channel.conn.send(raw)
+            except OSError:
+                if not self._closing:
+                    self._fail(i)
+            return future
         sent = self._loop.run_in_executor(channel.sender, channel.conn.send, raw)
         sent.add_done_callback(functools.partial(self._sent, i))
         return future
@@ -559,6 +584,9 @@ class _Verifier:
 
     def close(self) -> None:
         self._closing = True
+        if self._loop is not None and not self._loop.is_closed():
+            for channel in self._channels[True]:
+                self._loop.remove_reader(channel.conn.fileno())
         for channels in self._channels.values():
             for channel in channels:
                 with contextlib.suppress(OSError, RuntimeError):
