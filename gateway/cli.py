@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import sys
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def run(
     )
 
     def ready(gw: Gateway) -> None:
+        # What start-up loaded (modules, policy, street graph, registry) lives as long as
+        # the process: leave it out of collections. Full collections over it took 40-96
+        # ms every few seconds at 2,000 devices, stalling alarms behind them.
+        gc.freeze()
         click.echo(
             f"gateway {settings.gateway_id}: API at {gw.api_url} (mutual TLS; OpenAPI {gw.api_url}/openapi.json, "
             f"docs {gw.api_url}/docs); ingest from {settings.broker}; store {settings.db_path}",

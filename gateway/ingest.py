@@ -49,6 +49,7 @@ import logging
 import multiprocessing
 import random
 import signal
+import socket
 import sqlite3
 import ssl
 import threading
@@ -301,6 +302,13 @@ class _IngestClient(aiomqtt.Client):
     def _buffered(self) -> bool:
         sock = self._client.socket()
         return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
+
+    def no_delay(self) -> None:
+        """Send each packet at once (TCP_NODELAY): an alert or a PUBACK is one small
+        packet, and Nagle's algorithm would hold it for the previous segment's ACK."""
+        sock = self._client.socket()
+        if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def ack(self, mid: int, qos: int) -> None:
         """Send the PUBACK for a message received at QoS 1 (no-op for QoS 0)."""
@@ -784,6 +792,7 @@ class Ingest:
                     # Receive before the SUBACK: a persistent session's queued messages
                     # arrive ahead of it, and must be drained for the SUBACK to be read.
                     lane.client = client
+                    client.no_delay()
                     tg.create_task(self._receive(lane, client), name=f"ingest-receive-{lane.name}")
                     granted = await client.subscribe([(f, 1) for f in lane.filters])
                     if any(getattr(code, "value", code) >= 0x80 for code in granted):

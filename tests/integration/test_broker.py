@@ -166,6 +166,7 @@ def test_plaintext_is_refused(broker: MosquittoProcess) -> None:
     listeners = [line for line in config.splitlines() if line.startswith("listener ")]
     assert listeners == [f"listener {broker.port} 127.0.0.1"]
     assert "require_certificate true" in config
+    assert "set_tcp_nodelay true" in config  # alerts are not held back by Nagle's algorithm
 
 
 def test_device_cannot_publish_or_read_as_another(pki: Pki, broker: MosquittoProcess) -> None:

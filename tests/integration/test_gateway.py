@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -317,6 +318,16 @@ async def test_a_burst_larger_than_the_inbox_is_stored_without_loss(
     for dev in devs:
         stored = read(settings.db_path, lambda s, d=dev: s.messages(d.id, limit=len(want) + 1))
         assert [r["seq"] for r in stored] == sorted(want)
+
+
+async def test_both_ingest_connections_send_small_packets_at_once(gateway: Gateway) -> None:
+    assert gateway.ingest is not None
+    await gateway.ingest.connected.wait()
+    for lane in (gateway.ingest._bulk, gateway.ingest._urgent):
+        assert lane.client is not None
+        sock = lane.client._client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
 async def test_an_alarm_overtakes_a_telemetry_backlog(
