@@ -90,9 +90,8 @@ SEQ_BLOCK = 1000
 STAGE_DEPTH = 2
 #: After reading the socket, wait this long before reading again (see _ReaderGate).
 READ_NAP_S = 0.004
-#: MQTT packets read per wake-up at most (then the reader naps or yields to the loop):
-#: about 3 ms of reading, so nothing else on the loop waits longer for its turn.
-READ_PACKETS = 128
+#: MQTT packets read per wake-up at most (then the reader naps or yields to the loop).
+READ_PACKETS = 1024
 #: How often owed receipts are looked at (besides right after each commit).
 RECEIPT_TICK_S = 0.05
 #: Rejections logged one by one per reason per report interval; the rest are counted.
