@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import random
@@ -48,6 +49,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
 from edge_agent.errors import BluelightError, ConfigError
+from edge_agent.eventloop import loop_name
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
@@ -342,6 +344,19 @@ def camera_passes(path: Sequence[LatLon], speed_mps: float, cameras: Sequence[Se
     return sorted(out, key=lambda p: p.t_s)
 
 
+#: The collector's first threshold while a fleet runs (CPython's default is 700): each
+#: message allocates a few hundred short-lived objects, and thousands of devices'
+#: long-lived state would otherwise be traversed by every older-generation collection.
+GC_THRESHOLD0 = 20_000
+
+
+def _freeze_heap() -> None:
+    """Every device has started: move what exists now (agents, models, routes, TLS
+    contexts) out of the collector's way; new garbage is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 class Fleet:
     """Runs one scenario. `await Fleet(...).run()` returns the `Summary`."""
 
@@ -544,10 +559,12 @@ class Fleet:
             f"sim: {scenario.name}: {scenario.devices:,} devices ({len(scenario.units):,} units, "
             f"{len(scenario.sensors):,} fixed sensors), {len(scenario.incidents)} incidents, "
             f"{len(scenario.faults)} faults, {length} at {scenario.speed:g}x, seed {scenario.seed}; "
-            f"broker {options.broker}; files in {self.run_dir}"
+            f"broker {options.broker}; files in {self.run_dir}; {loop_name()} event loop"
         )
         online = 0
         skew_view: dict[str, dict[str, Any]] | None = None
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_THRESHOLD0, *thresholds[1:])
         with _agent_log(self.run_dir / "agents.log"):
             try:
                 await self._open_proxies()
@@ -581,6 +598,8 @@ class Fleet:
                     self.truth.close()
                 if self.progress is not None:
                     self.progress.finish()
+                gc.set_threshold(*thresholds)
+                gc.unfreeze()
         return await self._summarise(api, before, gateway_error, online, skew_view)
 
     async def _starter(self) -> None:
@@ -611,6 +630,7 @@ class Fleet:
             device.task = self._tg.create_task(self._device_main(device), name=f"device-{spec.id}")
             if isinstance(spec, UnitSpec) and spec.shift_end_s is not None:
                 self._schedule(self._shift_end(device, spec.shift_end_s), f"shift-end-{spec.id}")
+        _freeze_heap()
 
     def _schedule(self, work: Coroutine[Any, Any, None], name: str) -> None:
         assert self._tg is not None
