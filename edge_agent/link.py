@@ -42,6 +42,7 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 from aiomqtt import MqttCodeError, MqttError, ProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -128,7 +129,7 @@ def _reraise_swallowed_cancel() -> None:
 
 #: A success PUBACK carries nothing but its mid: one shared (read-only) reason code and
 #: empty property set for all of them (paho builds two of each per PUBACK otherwise).
-_PUBACK_OK = ReasonCode(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
+_PUBACK_OK = ReasonCode(PacketTypes.PUBACK)
 _PUBACK_NO_PROPS = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
@@ -146,7 +147,7 @@ class _LeanPaho(paho.Client):
             return
         super()._easy_log(level, fmt, *args)
 
-    def _handle_pubackcomp(self, cmd: Any) -> paho.MQTTErrorCode:
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         packet = self._in_packet["packet"]
         n = len(packet)
         if (
@@ -161,9 +162,9 @@ class _LeanPaho(paho.Client):
         with self._out_message_mutex:
             if mid in self._out_messages:
                 return self._do_on_publish(mid, _PUBACK_OK, _PUBACK_NO_PROPS)
-        return paho.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
-    def _send_publish(
+    def _send_publish(  # noqa: PLR0917 - paho's signature
         self,
         mid: int,
         topic: bytes,
@@ -173,7 +174,7 @@ class _LeanPaho(paho.Client):
         dup: bool = False,
         info: paho.MQTTMessageInfo | None = None,
         properties: Properties | None = None,
-    ) -> paho.MQTTErrorCode:
+    ) -> MQTTErrorCode:
         if (
             properties is not None
             or qos > 1

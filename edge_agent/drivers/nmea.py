@@ -445,17 +445,27 @@ class NmeaGps:
         self.last_fix = Fix(stale["lat"], stale["lon"], stale.get("acc", 0.0))
         return stale
 
+    def feed(self, line: str | bytes, now_ms: int) -> list[Reading]:
+        """Take one line, received at `now_ms` on the agent's clock; return the readings
+        it completes (usually none or one). `readings()` is this over its source; a
+        simulator running thousands of receivers calls it from one scheduler instead of
+        one task per receiver."""
+        out: list[Reading] = []
+        for fix in self.assembler.feed(line):
+            reading = self._reading(fix, now_ms)
+            if reading is not None:
+                out.append(reading)
+        return out
+
     async def readings(self, clock: Clock) -> AsyncGenerator[Reading, None]:
         source = self._source(clock) if callable(self._source) else self._source
         async for line in source:
-            for fix in self.assembler.feed(line):
-                reading = self._reading(fix, clock.now_ms())
-                if reading is not None:
-                    yield reading
-        for fix in self.assembler.flush():
-            reading = self._reading(fix, clock.now_ms())
-            if reading is not None:
+            for reading in self.feed(line, clock.now_ms()):
                 yield reading
+        for fix in self.assembler.flush():
+            last = self._reading(fix, clock.now_ms())
+            if last is not None:
+                yield last
 
     def _reading(self, fix: GnssFix, now_ms: int) -> Reading | None:
         body = self.body_for(fix, now_ms)
