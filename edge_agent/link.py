@@ -219,6 +219,8 @@ class _Client(aiomqtt.Client):
         self._acks: dict[int, ReasonCode] = {}
         self._ack_waiters: dict[int, asyncio.Future[None]] = {}
         self._writing = False
+        #: A writer for the socket was asked of the event loop (and not removed yet).
+        self._writer_registered = False
         #: Called with (mid, reason code) for each PUBACK of a `publish_nowait`.
         self.on_ack: Callable[[int, ReasonCode], bool] | None = None
 
@@ -250,7 +252,14 @@ class _Client(aiomqtt.Client):
                     self._writing = False
                 if not client.want_write():
                     return
+        self._writer_registered = True
         super()._on_socket_register_write(client, userdata, sock)
+
+    def _on_socket_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        # paho unregisters after every write; only a writer that was registered needs removing.
+        if self._writer_registered:
+            self._writer_registered = False
+            super()._on_socket_unregister_write(client, userdata, sock)
 
     async def _misc_loop(self) -> None:
         # paho's keepalive check; PINGREQ is due only after `keepalive_s` without traffic.
