@@ -67,6 +67,8 @@ _STABLE_S = 10.0
 _DRAIN_S = 2.0
 #: Longest period of paho's housekeeping (keepalive) loop; a quarter of keepalive if shorter.
 _MISC_S = 5.0
+#: A downlink is verified against certificates and a CRL looked at no longer ago than this.
+_KEYS_MAX_AGE_S = 1.0
 
 
 def verify_downlink(topic: str, data: bytes, recipient: str, keys: KeyLookup) -> Message:
@@ -573,7 +575,7 @@ class Link:
 
     def handle_downlink(self, topic: str, data: bytes) -> None:
         """Verify one downlink; apply receipts; count and log anything rejected."""
-        self.keys.refresh()
+        self.keys.refresh(max_age_s=_KEYS_MAX_AGE_S)
         try:
             message = verify_downlink(topic, data, self.id, self.keys)
         except Rejected as exc:
