@@ -234,7 +234,8 @@ class _Client(aiomqtt.Client):
             waiter = self._ack_waiters.pop(mid, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        super()._on_publish(client, userdata, mid, reason_code, properties)
+        if mid in self._pending_publishes:  # aiomqtt's own publish(); it raises and swallows a KeyError otherwise
+            super()._on_publish(client, userdata, mid, reason_code, properties)
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho asks for a writer whenever it queued a packet. On the event loop, outside

@@ -218,12 +218,15 @@ def _parse_rmc(talker: str, f: list[str]) -> Rmc:
 
 
 _PARSERS: dict[str, Callable[[str, list[str]], Gga | Rmc]] = {"GGA": _parse_gga, "RMC": _parse_rmc}
+_BYTES = (bytes, bytearray)
+#: Addresses seen to match `_ADDRESS` (a receiver uses a handful), so most lines skip the regex.
+_GOOD_ADDRESSES: set[str] = set()
 
 
 def parse_sentence(line: str | bytes) -> Gga | Rmc:
     """Parse one GGA or RMC sentence; raise `NmeaError` (never anything else) otherwise.
     Leading noise before the last `$` and trailing whitespace are tolerated."""
-    if isinstance(line, bytes | bytearray):
+    if isinstance(line, _BYTES):
         try:
             line = bytes(line).decode("ascii")
         except UnicodeDecodeError:
@@ -242,8 +245,11 @@ def parse_sentence(line: str | bytes) -> Gga | Rmc:
         raise NmeaError("checksum", f"checksum {given!r} != {checksum(payload)!r}")
     fields = payload.split(",")
     address = fields[0]
-    if not _ADDRESS.fullmatch(address):
-        raise NmeaError("unsupported", f"address {address!r}")
+    if address not in _GOOD_ADDRESSES:
+        if not _ADDRESS.fullmatch(address):
+            raise NmeaError("unsupported", f"address {address!r}")
+        if len(_GOOD_ADDRESSES) < 64:
+            _GOOD_ADDRESSES.add(address)
     parser = _PARSERS.get(address[2:])
     if parser is None:
         raise NmeaError("unsupported", f"sentence type {address[2:]}")
