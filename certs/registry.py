@@ -9,6 +9,7 @@ effect on the next message without a restart."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class KeyRegistry:
         self._cache: dict[str, Registered] = {}
         self._revoked_serials: frozenset[int] = frozenset()
         self._crl_mtime = -1.0
+        self._checked_at = -float("inf")
         self._issued_mtime = self._dir_mtime()
         self.refresh()
 
@@ -82,9 +84,15 @@ class KeyRegistry:
             if changed:
                 del self._cache[kid]
 
-    def refresh(self) -> bool:
+    def refresh(self, *, max_age_s: float = 0.0) -> bool:
         """Pick up re-issued certificates, and re-read the CRL if its file changed;
-        returns whether the CRL changed. Call it about once a second."""
+        returns whether the CRL changed. Call it about once a second; with `max_age_s`
+        it does nothing (returns False) if it looked less than that long ago (many
+        agents of a simulated fleet share one registry and call it per downlink)."""
+        now = time.monotonic()
+        if max_age_s > 0 and now - self._checked_at < max_age_s:
+            return False
+        self._checked_at = now
         self._forget_reissued()
         try:
             mtime = self._pki.crl.stat().st_mtime

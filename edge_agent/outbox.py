@@ -77,6 +77,8 @@ LANE_NAMES = {v: k for k, v in LANES.items()}
 TELEMETRY = LANES["telemetry"]
 #: Re-sends back off to at most `resend_after_s` x 2**this.
 RESEND_BACKOFF_MAX = 4
+#: Unsent rows `due` keeps in memory at most (more, e.g. while offline: read from the table).
+UNSENT_CACHE = 256
 
 WILL_BODY: dict[str, Any] = {"state": "offline", "reason": "connection lost"}
 ONLINE_BODY: dict[str, Any] = {"state": "online"}
@@ -166,9 +168,11 @@ class Outbox:
             raise ValueError("bookkeeping_delay_s must be >= 0")
         #: A deferred bookkeeping transaction is open (not committed yet).
         self._deferred = False
-        #: The seqs of every unsent row when known (`due` found fewer than it was asked
-        #: for and nothing was appended, released or reset since), else None.
-        self._unsent: set[int] | None = None
+        #: Every unsent row by seq, as `due` selects it, when known (`due` found fewer than
+        #: it was asked for, and since then only appends, at most `UNSENT_CACHE` rows, and
+        #: sends and confirmations that took rows out), else None: a fresh append is sent
+        #: from memory, without reading back the row just written.
+        self._unsent: dict[int, tuple[int, int, str, bytes, int, int, int]] | None = None
         self._resend_ms = int(self.resend_after_s * 1000)
         #: Cached earliest resend time of a sent, unconfirmed row (None: none), if known.
         self._next_resend: int | None = None
@@ -284,7 +288,11 @@ class Outbox:
         self._next_seq = seq + 1
         self._rows += 1 - dropped
         if held == _PENDING:
-            self._unsent = None
+            unsent = self._unsent
+            if unsent is None or dropped or len(unsent) >= UNSENT_CACHE:
+                self._unsent = None
+            else:
+                unsent[seq] = (seq, lane, kind, data, now_ms, 0, int(retain))
         oldest = self._oldest_created
         if lane == TELEMETRY and held == _PENDING and self._created_known and (oldest is None or now_ms < oldest):
             self._oldest_created = now_ms
@@ -362,15 +370,17 @@ class Outbox:
         unsent = self._unsent
         if unsent is not None and not unsent and not resend:
             return []
-        found: list[Any] = []
-        if unsent is None or unsent:
+        found: list[Any]
+        if unsent is not None:
+            found = sorted(unsent.values(), key=_lane_seq)[:limit]
+        else:
             found = self._db.execute(
                 "SELECT seq, lane, kind, data, created_ms, attempts, retain FROM outbox INDEXED BY outbox_unsent "
                 "WHERE sent_ms IS NULL AND held = 0 ORDER BY lane, seq LIMIT ?",
                 (limit,),
             ).fetchall()
             # Fewer than asked for: that was every unsent row (until something changes).
-            self._unsent = {r[0] for r in found} if len(found) < limit else None
+            self._unsent = {r[0]: tuple(r) for r in found} if len(found) < limit else None
         if resend:
             # Sent rows go out roughly in seq order, so due resends sit near the front
             # of this index scan, which stops after `limit` matches.
@@ -396,7 +406,8 @@ class Outbox:
             self._db.executemany("UPDATE outbox SET sent_ms = ?, attempts = attempts + 1 WHERE seq = ?", batch)
         self.sent += len(batch)
         if self._unsent:
-            self._unsent.difference_update(seq for _, seq in batch)
+            for _, seq in batch:
+                self._unsent.pop(seq, None)
         # (`due` forgot the cached time when it handed out re-sends: their older sent_ms
         # may have been the earliest.)
         # A lower bound: re-sent rows back off further than this.
@@ -437,7 +448,9 @@ class Outbox:
                 self._next_resend, self._resend_known = None, True
                 self._oldest_created, self._created_known = None, True
             if self._unsent:
-                self._unsent = {s for s in self._unsent if not any(lo <= s <= hi for lo, hi in ranges)}
+                self._unsent = {
+                    s: r for s, r in self._unsent.items() if not any(lo <= s <= hi for lo, hi in ranges)
+                }
         self._rows -= deleted
         self.confirmed += deleted
         return deleted
@@ -505,6 +518,10 @@ class Outbox:
     @property
     def next_seq(self) -> int:
         return self._next_seq
+
+
+def _lane_seq(row: tuple[Any, ...]) -> tuple[int, int]:
+    return row[1], row[0]
 
 
 class _Deferred:

@@ -3,7 +3,6 @@ list the built-in scenarios, check a scenario file. Argument parsing only."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import sys
@@ -98,6 +97,7 @@ def run(
     the platform did about it; exits 1 if the platform misbehaved (e.g. lost a message).
     """
     _need_yaml()
+    from edge_agent.eventloop import run as run_loop  # noqa: PLC0415
     from firmware_sim.clock import SimClock  # noqa: PLC0415
     from firmware_sim.fleet import FleetOptions, run_fleet  # noqa: PLC0415
     from firmware_sim.scenario import load_scenario  # noqa: PLC0415
@@ -119,7 +119,7 @@ def run(
         raise ConfigError(f"no PKI directory {pki_dir}: run 'bluelight pki init --dir {pki_dir}' first")
     progress = Progress(sys.stderr)
     try:
-        summary = asyncio.run(run_fleet(loaded, options, progress=progress))
+        summary = run_loop(run_fleet(loaded, options, progress=progress))
     except KeyboardInterrupt:
         progress.finish()
         click.echo("sim: interrupted", err=True)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import random
@@ -48,12 +49,14 @@ from edge_agent.agent import Agent
 from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
 from edge_agent.errors import BluelightError, ConfigError
+from edge_agent.eventloop import loop_name
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
 from edge_agent.wire.ids import Role
 from firmware_sim.city import City, project_to_segment
 from firmware_sim.clock import SimClock, SkewedClock
+from firmware_sim.epochs import EpochScheduler
 from firmware_sim.faults import Capture, CutProxy, ForgeableSigner, garbage_payloads, publish_raw, uplink
 from firmware_sim.kit import Kit, build_kit
 from firmware_sim.models import gunshot
@@ -228,6 +231,15 @@ class SimDevice:
     def id(self) -> str:
         return self.spec.id
 
+    def sensing(self) -> bool:
+        """Its sensors are powered and its agent runs (a scheduled driver goes on)."""
+        return self.power.is_set() and not self.crashed and (self.task is None or not self.task.done())
+
+    def sensor_failed(self, exc: BaseException) -> None:
+        """A scheduled driver raised: the device stops, as an agent whose driver fails."""
+        self.crashed = f"GNSS driver failed: {exc!r}"
+        self.agent.stop()
+
 
 def _raise_fd_limit(needed: int) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -342,6 +354,19 @@ def camera_passes(path: Sequence[LatLon], speed_mps: float, cameras: Sequence[Se
     return sorted(out, key=lambda p: p.t_s)
 
 
+#: The collector's first threshold while a fleet runs (CPython's default is 700): each
+#: message allocates a few hundred short-lived objects, and thousands of devices'
+#: long-lived state would otherwise be traversed by every older-generation collection.
+GC_THRESHOLD0 = 20_000
+
+
+def _freeze_heap() -> None:
+    """Every device has started: move what exists now (agents, models, routes, TLS
+    contexts) out of the collector's way; new garbage is collected as before."""
+    gc.collect()
+    gc.freeze()
+
+
 class Fleet:
     """Runs one scenario. `await Fleet(...).run()` returns the `Summary`."""
 
@@ -376,6 +401,8 @@ class Fleet:
         self._real_start = 0.0
         self._revoked_before: set[str] = set()
         self._outage = False
+        #: Every GNSS receiver's epochs, on one timer (set while the run is on).
+        self.epochs: EpochScheduler | None = None
 
     # -- helpers ------------------------------------------------------------------------
     def note(self, text: str) -> None:
@@ -502,7 +529,11 @@ class Fleet:
         true_clock = self.clock if any(
             f.type == "clock_skew" and spec.id in f.units for f in self.scenario.faults
         ) else None
-        drivers = [_Powered(d, power, true_clock) for d in kit.drivers]
+        # The GNSS receiver and the agent's NMEA driver run on the fleet's epoch
+        # scheduler (one timer for every receiver); the other drivers on their own.
+        gnss, gps = kit.unit.gnss, kit.unit.gps
+        scheduled = gnss is not None and gps is not None and self.epochs is not None
+        drivers = [_Powered(d, power, true_clock) for d in kit.drivers if not (scheduled and d is gps)]
         signer = ForgeableSigner(load_signer(self.pki, spec.id))
         assert self._keys is not None
         agent = SimAgent(
@@ -516,6 +547,12 @@ class Fleet:
             answer_seed=derive_seed(spec.seed, "answers"),
         )
         device = SimDevice(spec, agent, kit, signer, clock, proxy, power)
+        if scheduled:
+            assert gnss is not None
+            assert gps is not None
+            assert self.epochs is not None
+            self.epochs.add(gnss, gps, true_clock or clock, emit=agent.emit, alive=device.sensing,
+                            failed=device.sensor_failed)
         replay = next((f for f in self.scenario.faults if f.type == "replay" and f.unit == spec.id), None)
         if replay is not None:
             device.capture = Capture(agent, replay.count)
@@ -544,16 +581,19 @@ class Fleet:
             f"sim: {scenario.name}: {scenario.devices:,} devices ({len(scenario.units):,} units, "
             f"{len(scenario.sensors):,} fixed sensors), {len(scenario.incidents)} incidents, "
             f"{len(scenario.faults)} faults, {length} at {scenario.speed:g}x, seed {scenario.seed}; "
-            f"broker {options.broker}; files in {self.run_dir}"
+            f"broker {options.broker}; files in {self.run_dir}; {loop_name()} event loop"
         )
         online = 0
         skew_view: dict[str, dict[str, Any]] | None = None
+        thresholds = gc.get_threshold()
+        gc.set_threshold(GC_THRESHOLD0, *thresholds[1:])
         with _agent_log(self.run_dir / "agents.log"):
             try:
                 await self._open_proxies()
                 ahead = max((f.offset_ms / 1000 for f in scenario.faults if f.type == "clock_skew"), default=0.0)
                 self.clock = sim_clock(scenario.speed, scenario.duration_s, forever=options.forever, ahead_s=ahead)
                 self._real_start = time.monotonic()
+                self.epochs = EpochScheduler(self.clock, speed=self.clock.speed)
                 self._truth(self.clock.now_ms(), "run", scenario=scenario.name, seed=scenario.seed,
                             speed=scenario.speed, devices=scenario.devices, wall_ms=time.time_ns() // 1_000_000)
                 async with asyncio.TaskGroup() as tg:
@@ -572,6 +612,8 @@ class Fleet:
                         task.cancel()
                     online, skew_view = await self._finish(api)
             finally:
+                if self.epochs is not None:
+                    self.epochs.close()
                 for proxy in [*self.proxies.values(), *([self.shared_proxy] if self.shared_proxy else [])]:
                     await proxy.close()
                 for device in self.devices.values():
@@ -581,6 +623,8 @@ class Fleet:
                     self.truth.close()
                 if self.progress is not None:
                     self.progress.finish()
+                gc.set_threshold(*thresholds)
+                gc.unfreeze()
         return await self._summarise(api, before, gateway_error, online, skew_view)
 
     async def _starter(self) -> None:
@@ -611,6 +655,7 @@ class Fleet:
             device.task = self._tg.create_task(self._device_main(device), name=f"device-{spec.id}")
             if isinstance(spec, UnitSpec) and spec.shift_end_s is not None:
                 self._schedule(self._shift_end(device, spec.shift_end_s), f"shift-end-{spec.id}")
+        _freeze_heap()
 
     def _schedule(self, work: Coroutine[Any, Any, None], name: str) -> None:
         assert self._tg is not None

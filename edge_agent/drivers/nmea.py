@@ -156,71 +156,77 @@ def _date(text: str) -> dt.date | None:
         raise NmeaError("invalid", f"bad date {text!r}") from None
 
 
-def _field(fields: list[str], i: int) -> str:
-    return fields[i] if i < len(fields) else ""
+def _padded(fields: list[str], n: int) -> list[str]:
+    """`fields` with empty ones added up to `n` (missing trailing fields are empty)."""
+    return fields if len(fields) >= n else fields + [""] * (n - len(fields))
 
 
 def _parse_gga(talker: str, f: list[str]) -> Gga:
-    quality_text = _field(f, 5)
+    f = _padded(f, 11)
+    quality_text = f[5]
     if quality_text and not quality_text.isdigit():
         raise NmeaError("invalid", f"bad GGA quality {quality_text!r}")
-    sats_text = _field(f, 6)
+    sats_text = f[6]
     if sats_text and not sats_text.isdigit():
         raise NmeaError("invalid", f"bad GGA satellites {sats_text!r}")
-    lat = _coordinate(_field(f, 1), _field(f, 2), lon=False)
-    lon = _coordinate(_field(f, 3), _field(f, 4), lon=True)
+    lat = _coordinate(f[1], f[2], lon=False)
+    lon = _coordinate(f[3], f[4], lon=True)
     if (lat is None) != (lon is None):
         raise NmeaError("invalid", "GGA has only one of latitude and longitude")
-    hdop = _number(_field(f, 7), "HDOP")
+    hdop = _number(f[7], "HDOP")
     if hdop is not None and not 0 <= hdop <= 99.99:
         raise NmeaError("invalid", f"HDOP {hdop} out of range")
     return Gga(
         talker,
-        _time_ms(_field(f, 0)),
+        _time_ms(f[0]),
         lat,
         lon,
         int(quality_text) if quality_text else 0,
         int(sats_text) if sats_text else None,
         hdop,
-        _number(_field(f, 8), "altitude"),
-        _number(_field(f, 10), "geoid separation"),
+        _number(f[8], "altitude"),
+        _number(f[10], "geoid separation"),
     )
 
 
 def _parse_rmc(talker: str, f: list[str]) -> Rmc:
-    status = _field(f, 1)
+    f = _padded(f, 12)
+    status = f[1]
     if status not in ("A", "V"):
         raise NmeaError("invalid", f"bad RMC status {status!r}")
-    lat = _coordinate(_field(f, 2), _field(f, 3), lon=False)
-    lon = _coordinate(_field(f, 4), _field(f, 5), lon=True)
+    lat = _coordinate(f[2], f[3], lon=False)
+    lon = _coordinate(f[4], f[5], lon=True)
     if (lat is None) != (lon is None):
         raise NmeaError("invalid", "RMC has only one of latitude and longitude")
-    knots = _number(_field(f, 6), "speed")
-    course = _number(_field(f, 7), "course")
+    knots = _number(f[6], "speed")
+    course = _number(f[7], "course")
     if knots is not None and not 0 <= knots * KNOT_MPS <= 1000:
         raise NmeaError("invalid", f"speed {knots} out of range")
     if course is not None and not 0 <= course <= 360:
         raise NmeaError("invalid", f"course {course} out of range")
-    mode = _field(f, 11)
+    mode = f[11]
     return Rmc(
         talker,
-        _time_ms(_field(f, 0)),
+        _time_ms(f[0]),
         status == "A" and mode != "N" and lat is not None,
         lat,
         lon,
         None if knots is None else knots * KNOT_MPS,
         course,
-        _date(_field(f, 8)),
+        _date(f[8]),
     )
 
 
 _PARSERS: dict[str, Callable[[str, list[str]], Gga | Rmc]] = {"GGA": _parse_gga, "RMC": _parse_rmc}
+_BYTES = (bytes, bytearray)
+#: Addresses seen to match `_ADDRESS` (a receiver uses a handful), so most lines skip the regex.
+_GOOD_ADDRESSES: set[str] = set()
 
 
 def parse_sentence(line: str | bytes) -> Gga | Rmc:
     """Parse one GGA or RMC sentence; raise `NmeaError` (never anything else) otherwise.
     Leading noise before the last `$` and trailing whitespace are tolerated."""
-    if isinstance(line, bytes | bytearray):
+    if isinstance(line, _BYTES):
         try:
             line = bytes(line).decode("ascii")
         except UnicodeDecodeError:
@@ -239,8 +245,11 @@ def parse_sentence(line: str | bytes) -> Gga | Rmc:
         raise NmeaError("checksum", f"checksum {given!r} != {checksum(payload)!r}")
     fields = payload.split(",")
     address = fields[0]
-    if not _ADDRESS.fullmatch(address):
-        raise NmeaError("unsupported", f"address {address!r}")
+    if address not in _GOOD_ADDRESSES:
+        if not _ADDRESS.fullmatch(address):
+            raise NmeaError("unsupported", f"address {address!r}")
+        if len(_GOOD_ADDRESSES) < 64:
+            _GOOD_ADDRESSES.add(address)
     parser = _PARSERS.get(address[2:])
     if parser is None:
         raise NmeaError("unsupported", f"sentence type {address[2:]}")
@@ -309,8 +318,12 @@ class FixAssembler:
         except NmeaError as exc:
             setattr(self.stats, exc.reason, getattr(self.stats, exc.reason) + 1)
             return []
-        kind = "GGA" if isinstance(parsed, Gga) else "RMC"
-        setattr(self.stats, kind.lower(), getattr(self.stats, kind.lower()) + 1)
+        is_gga = type(parsed) is Gga
+        kind = "GGA" if is_gga else "RMC"
+        if is_gga:
+            self.stats.gga += 1
+        else:
+            self.stats.rmc += 1
         out: list[GnssFix] = []
         if parsed.time_ms is not None and parsed.time_ms == self._last_time and self._pending is None:
             self.stats.late += 1  # its epoch was reported without it: wait for it next time
@@ -323,13 +336,12 @@ class FixAssembler:
         if pending is not None and pending.time_ms != parsed.time_ms:
             out.extend(self._finish(partial=True))
             pending = None
-        if pending is None:
-            pending = GnssFix(parsed.time_ms)
-        pending = GnssFix(
-            pending.time_ms,
-            parsed if isinstance(parsed, Gga) else pending.gga,
-            parsed if isinstance(parsed, Rmc) else pending.rmc,
-        )
+        if isinstance(parsed, Gga):
+            pending = (GnssFix(parsed.time_ms, parsed) if pending is None
+                       else GnssFix(pending.time_ms, parsed, pending.rmc))
+        else:
+            pending = (GnssFix(parsed.time_ms, None, parsed) if pending is None
+                       else GnssFix(pending.time_ms, pending.gga, parsed))
         self._pending = pending
         if parsed.time_ms is None or self._expect <= _kinds(pending):
             out.extend(self._finish(partial=False))
@@ -350,8 +362,16 @@ class FixAssembler:
         return [fix]
 
 
+_KINDS = {
+    (True, True): frozenset({"GGA", "RMC"}),
+    (True, False): frozenset({"GGA"}),
+    (False, True): frozenset({"RMC"}),
+    (False, False): frozenset[str](),
+}
+
+
 def _kinds(fix: GnssFix) -> frozenset[str]:
-    return frozenset(k for k, s in (("GGA", fix.gga), ("RMC", fix.rmc)) if s is not None)
+    return _KINDS[fix.gga is not None, fix.rmc is not None]
 
 
 def _has(fix: GnssFix, kind: str) -> bool:
@@ -445,17 +465,27 @@ class NmeaGps:
         self.last_fix = Fix(stale["lat"], stale["lon"], stale.get("acc", 0.0))
         return stale
 
+    def feed(self, line: str | bytes, now_ms: int) -> list[Reading]:
+        """Take one line, received at `now_ms` on the agent's clock; return the readings
+        it completes (usually none or one). `readings()` is this over its source; a
+        simulator running thousands of receivers calls it from one scheduler instead of
+        one task per receiver."""
+        out: list[Reading] = []
+        for fix in self.assembler.feed(line):
+            reading = self._reading(fix, now_ms)
+            if reading is not None:
+                out.append(reading)
+        return out
+
     async def readings(self, clock: Clock) -> AsyncGenerator[Reading, None]:
         source = self._source(clock) if callable(self._source) else self._source
         async for line in source:
-            for fix in self.assembler.feed(line):
-                reading = self._reading(fix, clock.now_ms())
-                if reading is not None:
-                    yield reading
-        for fix in self.assembler.flush():
-            reading = self._reading(fix, clock.now_ms())
-            if reading is not None:
+            for reading in self.feed(line, clock.now_ms()):
                 yield reading
+        for fix in self.assembler.flush():
+            last = self._reading(fix, clock.now_ms())
+            if last is not None:
+                yield last
 
     def _reading(self, fix: GnssFix, now_ms: int) -> Reading | None:
         body = self.body_for(fix, now_ms)

@@ -53,7 +53,9 @@ def _dm(value: float, degree_digits: int) -> str:
     minutes = round((value - degrees) * 60.0, 6)
     if minutes >= 60.0:
         degrees, minutes = degrees + 1, 0.0
-    return f"{degrees:0{degree_digits}d}{minutes:09.6f}"
+    if degree_digits == 2:
+        return f"{degrees:02d}{minutes:09.6f}"
+    return f"{degrees:03d}{minutes:09.6f}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,39 +84,45 @@ class NmeaFix:
     course: float | None = None
 
 
+def _position_fields(fix: NmeaFix) -> list[str]:
+    """lat, N/S, lon, E/W (empty without a fix)."""
+    lat, lon = fix.lat, fix.lon
+    if lat is None or lon is None:
+        return ["", "", "", ""]
+    return [_dm(lat, 2), "N" if lat >= 0 else "S", _dm(lon, 3), "E" if lon >= 0 else "W"]
+
+
 def format_gga(fix: NmeaFix, talker: str = "GN") -> str:
     """A GGA sentence (quality 1 with a position, 0 without)."""
+    return _gga(fix, talker, _hms(fix.t_ms), _position_fields(fix))
+
+
+def _gga(fix: NmeaFix, talker: str, hms: str, position: list[str]) -> str:
     has = fix.lat is not None and fix.lon is not None
-    fields = [f"{talker}GGA", _hms(fix.t_ms)]
-    if has:
-        assert fix.lat is not None
-        assert fix.lon is not None
-        fields += [_dm(fix.lat, 2), "N" if fix.lat >= 0 else "S", _dm(fix.lon, 3), "E" if fix.lon >= 0 else "W", "1"]
-    else:
-        fields += ["", "", "", "", "0"]
-    fields += [f"{fix.sats:02d}", f"{fix.hdop:.2f}" if fix.hdop is not None and has else ""]
+    fields = [f"{talker}GGA", hms, *position, "1" if has else "0",
+              f"{fix.sats:02d}", f"{fix.hdop:.2f}" if fix.hdop is not None and has else ""]
     if has and fix.alt_msl is not None:
-        fields += [f"{fix.alt_msl:.1f}", "M", f"{fix.geoid_sep:.1f}", "M"]
+        fields += [f"{fix.alt_msl:.1f}", "M", f"{fix.geoid_sep:.1f}", "M", "", ""]
     else:
-        fields += ["", "M", "", "M"]
-    fields += ["", ""]
+        fields += ["", "M", "", "M", "", ""]
     return sentence(",".join(fields))
 
 
 def format_rmc(fix: NmeaFix, talker: str = "GN") -> str:
     """An RMC sentence (status A with a position, V without; NMEA 2.3 mode A/N)."""
+    return _rmc(fix, talker, _hms(fix.t_ms), _position_fields(fix))
+
+
+def _rmc(fix: NmeaFix, talker: str, hms: str, position: list[str]) -> str:
     has = fix.lat is not None and fix.lon is not None
     date = _ddmmyy(fix.t_ms // 86_400_000)
-    fields = [f"{talker}RMC", _hms(fix.t_ms), "A" if has else "V"]
     if has:
-        assert fix.lat is not None
-        assert fix.lon is not None
-        fields += [_dm(fix.lat, 2), "N" if fix.lat >= 0 else "S", _dm(fix.lon, 3), "E" if fix.lon >= 0 else "W"]
-        fields += [f"{fix.speed_mps / KNOT_MPS:.3f}" if fix.speed_mps is not None else ""]
-        fields += [f"{fix.course:.2f}" if fix.course is not None else ""]
+        fields = [f"{talker}RMC", hms, "A", *position,
+                  f"{fix.speed_mps / KNOT_MPS:.3f}" if fix.speed_mps is not None else "",
+                  f"{fix.course:.2f}" if fix.course is not None else "",
+                  date, "", "", "A"]
     else:
-        fields += ["", "", "", "", "", ""]
-    fields += [date, "", "", "A" if has else "N"]
+        fields = [f"{talker}RMC", hms, "V", "", "", "", "", "", "", date, "", "", "N"]
     return sentence(",".join(fields))
 
 
@@ -285,7 +293,8 @@ class GnssReceiver(Model):
         if self.truth is not None:
             self._record_position(t_ms, true, north, east, r68, has_fix=has_fix, covered=covered,
                                   multipath=multipath, jumped=jumped)
-        lines = [format_gga(report, self.talker), format_rmc(report, self.talker)]
+        hms, position = _hms(t_ms), _position_fields(report)  # shared by both sentences
+        lines = [_gga(report, self.talker, hms, position), _rmc(report, self.talker, hms, position)]
         if self.corrupt_rate > 0:
             lines = [self._corrupt(line) if rng.random() < self.corrupt_rate else line for line in lines]
         return [] if self.dropped(t_ms) else lines

@@ -282,3 +282,34 @@ def test_resends_back_off_per_message(path: Path, signer: KeySigner) -> None:
         assert ob.due(T0 + 29_999, 10) == []
         assert [r.seq for r in ob.due(T0 + 30_000, 10)] == [a]
         assert ob.next_resend_ms() is not None
+
+
+def test_fresh_appends_are_sent_from_memory_in_lane_order(path: Path, signer: KeySigner) -> None:
+    with Outbox(path, signer, bookkeeping_delay_s=5.0) as ob:
+        assert ob.due(T0, 10) == []  # every unsent row is known now: none
+        t1 = ob.append("telemetry", POS, T0 + 1)
+        t2 = ob.append("telemetry", POS, T0 + 2)
+        alarm = ob.append("event", {"type": "panic"}, T0 + 3)
+        rows = ob.due(T0 + 4, 2)
+        assert [r.seq for r in rows] == [alarm, t1]  # alarms first, then seq order
+        assert rows[0].data == ob._db.execute("SELECT data FROM outbox WHERE seq = ?", (alarm,)).fetchone()[0]
+        ob.mark_sent([r.seq for r in rows], T0 + 4)
+        assert [r.seq for r in ob.due(T0 + 5, 10)] == [t2]
+        ob.mark_sent([t2], T0 + 5)
+        t4 = ob.append("telemetry", POS, T0 + 6)
+        assert ob.confirm([(t4, t4)]) == 1  # a receipt for a row not sent yet takes it out
+        assert ob.due(T0 + 7, 10) == []
+        ob.flush()
+        # what memory said matches the table
+        unsent = ob._db.execute("SELECT seq FROM outbox WHERE sent_ms IS NULL AND held = 0").fetchall()
+        assert unsent == []
+
+
+def test_fresh_append_cache_is_bounded(path: Path, signer: KeySigner) -> None:
+    from edge_agent.outbox import UNSENT_CACHE  # noqa: PLC0415
+
+    with Outbox(path, signer, bookkeeping_delay_s=5.0) as ob:
+        assert ob.due(T0, 10) == []
+        seqs = [ob.append("telemetry", POS, T0 + i) for i in range(UNSENT_CACHE + 5)]
+        assert ob._unsent is None  # offline for long: read from the table again
+        assert [r.seq for r in ob.due(T0 + 10_000, 3)] == seqs[:3]

@@ -46,6 +46,17 @@ def test_a_forged_signer_keeps_the_key_id_but_fails_verification(pki: Pki) -> No
 
 
 async def test_the_cut_proxy_relays_refuses_and_restores() -> None:
+    await _cut_proxy_round_trip()
+
+
+def test_the_cut_proxy_works_on_uvloop() -> None:
+    """`bluelight sim run` runs on uvloop, whose transports are not asyncio.Transport."""
+    uvloop = pytest.importorskip("uvloop")
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_cut_proxy_round_trip())
+
+
+async def _cut_proxy_round_trip() -> None:
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while data := await reader.read(1024):
