@@ -159,10 +159,13 @@ class SimAgent(Agent):
         self.on_alert = self._officer_answers
         self._answer_rng = random.Random(answer_seed)
         self._answering: list[asyncio.TimerHandle] = []
+        self._off_duty = False
 
     def _officer_answers(self, message: Message) -> None:
         """The simulated officer accepts an alert after reading it (2-8 s, sim time),
         says `arrived` 1-3 minutes later and is available again after 2-5 more."""
+        if self._off_duty:
+            return
         alert_id = str(message.body["alert_id"])
         rng, loop = self._answer_rng, asyncio.get_running_loop()
         accept = rng.uniform(2.0, 8.0)
@@ -177,9 +180,15 @@ class SimAgent(Agent):
         elif self.answer(alert_id, answer) is not None:
             self.answers.append((alert_id, answer, self.sim_clock.elapsed_s()))
 
-    def close(self) -> None:
+    def stop_answering(self) -> None:
+        """Off duty (end of shift, end of the run): no more answers, so the device's
+        last message is made when its sensors go off, like every other device's."""
+        self._off_duty = True
         for handle in self._answering:
             handle.cancel()
+
+    def close(self) -> None:
+        self.stop_answering()
         super().close()
 
     def emit(self, reading: Reading) -> int | None:
@@ -940,6 +949,7 @@ class Fleet:
         """Power the sensors off and wait until the outboxes are empty (receipted)."""
         for d in devices:
             d.power.clear()
+            d.agent.stop_answering()
         deadline = time.monotonic() + timeout_s
         waiting = list(devices)
         while True:
