@@ -624,7 +624,11 @@ class _Lane:
         self.filters = filters
         #: Wait up to `batch_latency_ms` for a batch to fill (telemetry), or not (alarms).
         self.batches = batches
+        #: Batches received, waiting for the lane's pipeline.
+        self.received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
         self.client: _IngestClient | None = None
+        #: The broker granted this connection's subscriptions.
+        self.subscribed = False
         #: A QoS 1 message did not fit the inbox (cannot happen, see `_ReaderGate`).
         self.lost_qos1 = False
 
@@ -686,9 +690,6 @@ class Ingest:
         gw, group = settings.gateway_id, settings.share_group
         self._bulk = _Lane("bulk", f"{gw}-ingest", lane_filters(group, BULK_KINDS), batches=True)
         self._urgent = _Lane("urgent", f"{gw}-urgent", lane_filters(group, URGENT_KINDS), batches=False)
-        self._subscribed = 0
-        self._received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
-        self._urgent_received: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
         self._verifying: asyncio.Queue[tuple[_Batch, Awaitable[Decided]]] = asyncio.Queue(STAGE_DEPTH)
         self._decided: asyncio.Queue[_Batch] = asyncio.Queue(STAGE_DEPTH)
         self._verifier_ready = asyncio.Event()
@@ -740,7 +741,7 @@ class Ingest:
             "inbox": bulk.inbox.qsize() if bulk is not None else 0,
             "urgent_inbox": urgent.inbox.qsize() if urgent is not None else 0,
             "queue_bound": self.settings.queue_bound,
-            "batches_waiting": self._received.qsize() + self._verifying.qsize() + self._decided.qsize(),
+            "batches_waiting": self._bulk.received.qsize() + self._verifying.qsize() + self._decided.qsize(),
             "accepted_per_s": round(self.rate, 1),
             "overflow": self.overflow,
             "read_pauses": bulk.gate.pauses if bulk is not None else 0,
@@ -775,7 +776,7 @@ class Ingest:
         log.error("inbox full: dropped a QoS %d message on %s", message.qos, message.topic)
 
     def _update_connected(self) -> None:
-        if self._bulk.client is not None and self._urgent.client is not None and self._subscribed == 2:
+        if self._bulk.subscribed and self._urgent.subscribed:
             self.connected.set()
         else:
             self.connected.clear()
@@ -786,7 +787,6 @@ class Ingest:
         while True:
             client = self._new_client(lane)
             lane.lost_qos1 = False
-            subscribed = False
             try:
                 async with client, asyncio.TaskGroup() as tg:
                     # Receive before the SUBACK: a persistent session's queued messages
@@ -801,8 +801,7 @@ class Ingest:
                         # Sessions of gateways before the urgent lane read every uplink
                         # here; from now on alarms and answers come on the urgent one only.
                         await client.unsubscribe(shared(s.share_group, UP_FILTER))
-                    subscribed = True
-                    self._subscribed += 1
+                    lane.subscribed = True
                     self._update_connected()
                     attempt = 0
                     log.info("ingest connected (%s lane) to %s as %s (MQTT %s), subscribed to %s",
@@ -813,7 +812,7 @@ class Ingest:
             finally:
                 if lane.client is client:
                     lane.client = None
-                self._subscribed -= subscribed
+                lane.subscribed = False
                 self._update_connected()
             delay = backoff(attempt)
             attempt += 1
@@ -827,7 +826,6 @@ class Ingest:
         low_water = inbox.maxsize // 2
         size = self.settings.batch_size
         latency = self.settings.batch_latency_ms / 1000 if lane.batches else 0.0
-        out = self._received if lane is self._bulk else self._urgent_received
         loop = asyncio.get_running_loop()
         async for first in client.messages:
             batch = _Batch(lane, client)
@@ -853,7 +851,7 @@ class Ingest:
                     break
             if gate.paused and inbox.qsize() <= low_water:
                 gate.resume()
-            await out.put(batch)
+            await lane.received.put(batch)
             if lane.lost_qos1:
                 raise IngestError("a QoS 1 message did not fit the inbox; reconnecting so the broker redelivers it")
 
@@ -867,7 +865,7 @@ class Ingest:
         await verifier.start()  # meanwhile the subscriptions are made and the inboxes fill
         self._verifier_ready.set()
         while True:
-            batch = await self._received.get()
+            batch = await self._bulk.received.get()
             decided = verifier.submit(batch.raw)
             batch.raw = []
             await self._verifying.put((batch, decided))
@@ -906,7 +904,7 @@ class Ingest:
         committed before the next is taken."""
         await self._verifier_ready.wait()
         while True:
-            batch = await self._urgent_received.get()
+            batch = await self._urgent.received.get()
             self._tally(await verifier.submit(batch.raw, urgent=True), batch)
             await self._store_batch(batch)
 
