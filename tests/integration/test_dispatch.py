@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from certs.tls import client_context
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import offset
 from edge_agent.wire.ids import Role
+from gateway.core.picture import Picture
 from gateway.service import Gateway
 from tests.helpers import MosquittoProcess
 from tests.integration.test_gateway import Device, device, eventually, running, settings_for
@@ -77,6 +78,19 @@ def registry(tmp_path: Path) -> Path:
     return path
 
 
+async def on_the_picture(gw: Gateway, officers: Mapping[str, Officer]) -> Picture:
+    """Every officer reports available at its place; returns the gateway's picture once
+    all of them are on it with a started track."""
+    for unit, off in officers.items():
+        await off.send("status", {"state": "available"})
+        await off.send("telemetry", at(PLACES[unit]))
+    assert gw.situation is not None
+    picture = gw.situation.situation.picture
+    await eventually(lambda: all(u in picture.units and picture.units[u].track.started for u in officers),
+                     what="every officer on the picture")
+    return picture
+
+
 async def test_panic_to_alert_to_acceptance_with_audit(
     pki: Pki, broker: MosquittoProcess, tmp_path: Path, issue: Callable[[Role, str], Identity], registry: Path
 ) -> None:
@@ -88,13 +102,7 @@ async def test_panic_to_alert_to_acceptance_with_audit(
     async with contextlib.AsyncExitStack() as stack:
         gw: Gateway = await stack.enter_async_context(running(settings))
         officers = {u: await stack.enter_async_context(officer(pki, pki.identity(u), broker)) for u in PLACES}
-        for unit, off in officers.items():
-            await off.send("status", {"state": "available"})
-            await off.send("telemetry", at(PLACES[unit]))
-        assert gw.situation is not None
-        picture = gw.situation.situation.picture
-        await eventually(lambda: all(u in picture.units and picture.units[u].track.started for u in PLACES),
-                         what="every officer on the picture")
+        picture = await on_the_picture(gw, officers)
 
         api = await stack.enter_async_context(client(pki, "disp-operator"))
         ws_ctx = ssl.create_default_context(cafile=str(pki.ca_bundle))

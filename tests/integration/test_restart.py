@@ -25,7 +25,7 @@ from certs.pki import Identity, Pki
 from certs.registry import audit_keys
 from edge_agent.wire.ids import Role
 from tests.helpers import MosquittoProcess
-from tests.integration.test_dispatch import PLACES, at, client, officer
+from tests.integration.test_dispatch import PLACES, at, client, officer, on_the_picture
 from tests.integration.test_dispatch import registry as registry  # noqa: PLC0414 - the fixture
 from tests.integration.test_gateway import eventually, running, settings_for
 from tests.integration.test_store_forward import GatewayProcess
@@ -65,13 +65,7 @@ async def test_incidents_and_alerts_survive_a_restart(
 
         # -- before: a panic (three alerts, one delivered) and an operator's incident --------------
         async with running(settings) as gw:
-            for unit, off in officers.items():
-                await off.send("status", {"state": "available"})
-                await off.send("telemetry", at(PLACES[unit]))
-            assert gw.situation is not None
-            picture = gw.situation.situation.picture
-            await eventually(lambda: all(u in picture.units and picture.units[u].track.started for u in PLACES),
-                             what="every officer on the picture")
+            await on_the_picture(gw, officers)
             created = await api.post(f"{gw.api_url}/incidents", json={**at(2950), "note": "restart test"})
             assert created.status_code == 201
             operator_incident = created.json()["incident_id"]

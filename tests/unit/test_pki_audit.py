@@ -12,7 +12,6 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -27,6 +26,7 @@ from certs.pki import ISSUING_CA_KID, Pki, PkiError, fingerprint, make_csr, new_
 from certs.registry import audit_keys
 from edge_agent.wire.envelope import KeySigner
 from edge_agent.wire.ids import Role
+from tests.unit.test_audit import _tamper
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,15 +54,6 @@ def _entries(pki: Pki) -> list[AuditEntry]:
 
 def _cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def _tamper(path: Path, sql: str, params: tuple[Any, ...] = ()) -> None:
-    """What someone with write access to the file can do: drop the triggers, edit."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
-        conn.execute(f"DROP TRIGGER {name}")
-    conn.execute(sql, params)
-    conn.close()
 
 
 def test_init_records_the_cas_and_both_certificates(pki: Pki) -> None:
