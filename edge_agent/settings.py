@@ -24,6 +24,7 @@ from certs.pki import Pki
 from edge_agent.config import build, load_section, parse_hostport
 from edge_agent.drivers.gps import LONDON_LOOP, Route
 from edge_agent.errors import ConfigError
+from edge_agent.outbox import SYNC_MODES
 from edge_agent.wire.geo import LatLon
 from edge_agent.wire.ids import InvalidId, check_id
 
@@ -54,8 +55,9 @@ class AgentSettings:
     max_rows: int = 100_000
     max_age_s: float = 86_400.0
     #: "full" fsyncs every appended message (alarms survive power loss and a seq that
-    #: was sent is never reused); "normal" survives a process crash only.
-    sync: Literal["full", "normal"] = "full"
+    #: was sent is never reused); "normal" survives a process crash only; "off" too, and
+    #: never fsyncs (simulated fleets, whose devices share one operating system).
+    sync: Literal["full", "normal", "off"] = "full"
     #: Re-send a message not receipted by the gateway after this long.
     resend_after_s: float = 10.0
     #: Sent marks and receipts are committed with the next append or this long later at
@@ -111,8 +113,8 @@ class AgentSettings:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"[agent] route: {exc}") from None
         set_(self, "route", route.waypoints)
-        if self.sync not in ("full", "normal"):
-            raise ConfigError(f"[agent] sync must be 'full' or 'normal', got {self.sync!r}")
+        if self.sync not in SYNC_MODES:
+            raise ConfigError(f"[agent] sync must be one of {', '.join(SYNC_MODES)}, got {self.sync!r}")
         _check(0 < self.rate_hz <= 100, "rate_hz must be in (0, 100]")
         _check(0 <= self.speed_mps <= 100, "speed_mps must be in [0, 100]")
         _check(self.noise_m >= 0 and self.noise_correlation_s >= 0, "noise_m and noise_correlation_s must be >= 0")

@@ -8,9 +8,11 @@ What it does, in order:
    for the gateway API), with progress for thousands.
 2. Starts devices at their shift start, staggered (`agent.connect_rate` per second):
    each is an `Agent` with its own certificate, TLS context, SQLite outbox in the run
-   directory (`sync="normal"`) and the sensor-model drivers of its kind (`Kit`). Devices
-   with link faults reach the broker through their own `CutProxy`; when the scenario
-   has a broker outage every other device goes through one shared proxy.
+   directory (`sync="off"`: the devices share one operating system, and fsyncs in
+   thousands of outboxes' checkpoints would stall the event loop they all run on) and
+   the sensor-model drivers of its kind (`Kit`). Devices with link faults reach the
+   broker through their own `CutProxy`; when the scenario has a broker outage every
+   other device goes through one shared proxy.
 3. Triggers incidents and injects faults at their scenario times; records what really
    happened in the ground-truth log (`TruthLog`), next to what the models record.
 4. At the end (or at a shift's end) powers the sensors off, waits for the outboxes to
@@ -524,7 +526,7 @@ class Fleet:
             outbox=self.run_dir / "outboxes" / f"{spec.id}.db",
             rate_hz=spec.rate_hz if isinstance(spec, UnitSpec) else agent_defaults.rate_hz,
             seed=spec.seed,
-            sync="normal",
+            sync="off",
             resend_after_s=agent_defaults.resend_after_s * self.scenario.speed,
             reconnect_min_s=0.5,
             reconnect_max_s=agent_defaults.reconnect_max_s,

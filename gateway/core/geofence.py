@@ -146,6 +146,8 @@ class GeofenceMonitor:
         self._inside: set[tuple[str, str]] = set()  # (zone, unit)
         self._short: set[str] = set()  # coverage zones with a gap
         self._checked: set[str] = set()  # coverage zones evaluated at least once
+        #: Some zone has a coverage rule (else `coverage` has nothing to count).
+        self.has_coverage = any(zone.rule == "coverage" for zone in self.zones.values())
 
     def _is_inside(self, zone: Zone, unit_id: str, point: LatLon) -> bool:
         """Inside with hysteresis: once in, out only past the exit margin."""

@@ -176,6 +176,9 @@ class PictureConfig:
     #: Closed incidents kept in memory (for the API) this long, and at most this many.
     keep_closed_ms: int = 3_600_000
     max_closed: int = 1_000
+    #: Coverage zones are counted at most this often (each count estimates every
+    #: available unit's position).
+    coverage_check_ms: int = 1_000
 
 
 @dataclass
@@ -315,6 +318,8 @@ class Picture:
         self.incidents: dict[str, Incident] = {}
         self.sightings = PlateSightings()
         self.geofences = GeofenceMonitor(registry.zones)
+        #: When coverage zones were last counted (gateway ms; `coverage_check_ms`).
+        self._coverage_ms = -(1 << 62)
         self.bad_fixes = 0
         self._prefix = incident_prefix
         self._next_incident = 1
@@ -378,10 +383,12 @@ class Picture:
                 update.deltas.append(self._incident_delta(inc))
             if now_ms - shot.first_ms > self.config.shot_spread_ms:
                 self._shots.remove(shot)
-        available = {u.id: (e.lat, e.lon) for u in self.units.values()
-                     if u.state == "available" and u.track.started and not (e := u.estimate(now_ms)).stale}
-        for event in self.geofences.coverage(available, now_ms):
-            update.extend(self._geofence(event, now_ms))
+        if self.geofences.has_coverage and now_ms - self._coverage_ms >= self.config.coverage_check_ms:
+            self._coverage_ms = now_ms
+            available = {u.id: (e.lat, e.lon) for u in self.units.values()
+                         if u.state == "available" and u.track.started and not (e := u.estimate(now_ms)).stale}
+            for event in self.geofences.coverage(available, now_ms):
+                update.extend(self._geofence(event, now_ms))
         update.forgotten += self._forget_closed(now_ms)
         for unit in self.units.values():
             if unit.state == "committed" and unit.incident_id in self.incidents and unit.track.started:
@@ -437,6 +444,7 @@ class Picture:
         """A changed registry (units' kinds and capabilities, sensor sites, zones)."""
         self.registry = registry
         self.geofences = GeofenceMonitor(registry.zones)
+        self._coverage_ms = -(1 << 62)
         for site in registry.sites.values():
             sensor = self.sensors.get(site.id)
             if sensor is None:

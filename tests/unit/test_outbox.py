@@ -47,6 +47,27 @@ def path(tmp_path: Path) -> Path:
     return tmp_path / "outbox.db"
 
 
+@pytest.mark.parametrize(("sync", "level"), [("full", 1), ("normal", 1), ("off", 0)])
+def test_sync_sets_how_sqlite_syncs_and_what_is_kept_survives(
+    path: Path, signer: KeySigner, sync: str, level: int
+) -> None:
+    """"off" (simulated fleets) never fsyncs, checkpoints included; what was committed is
+    still there for the next open (a process crash keeps it)."""
+    with Outbox(path, signer, sync=sync, bookkeeping_delay_s=5.0) as ob:  # type: ignore[arg-type]
+        assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == level
+        ob.append("event", {"type": "panic"}, T0)
+        ob.mark_sent([1], T0)
+        ob.append("telemetry", POS, T0 + 1)
+        assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == level
+    with Outbox(path, signer, sync=sync) as ob:  # type: ignore[arg-type]
+        assert ob.seqs() == [1, 2]
+
+
+def test_an_unknown_sync_mode_is_refused(path: Path, signer: KeySigner) -> None:
+    with pytest.raises(ValueError, match="sync must be one of full, normal, off"):
+        Outbox(path, signer, sync="fast")  # type: ignore[arg-type]
+
+
 def test_seq_starts_at_1_and_survives_reopen_and_deletion(path: Path, signer: KeySigner) -> None:
     with Outbox(path, signer) as ob:
         assert [ob.append("telemetry", POS, T0 + i) for i in range(3)] == [1, 2, 3]

@@ -252,6 +252,25 @@ def test_a_coverage_gap_moves_a_spare_unit_and_closes_when_restored() -> None:
     assert gap.status == "closed"
 
 
+def test_coverage_is_counted_at_most_once_a_coverage_check() -> None:
+    """Counting a coverage zone estimates every available unit: once a `coverage_check_ms`,
+    not on every tick."""
+    corners = [offset(CENTRE, n, e) for n, e in ((-100, -100), (-100, 100), (50, 100), (50, -100))]
+    zone = {"id": "square", "rule": "coverage", "min_units": 1, "points": [list(p) for p in corners]}
+    registry = Registry.from_data({"units": [{"id": "cov-a", "kind": "officer"}], "zones": [zone]})
+    situation = Situation(Picture(registry), default_policy(), StraightLineEta())
+    f = Fleet(situation)
+    f.report_all(T0, {"cov-a": 0})
+    check_ms = situation.picture.config.coverage_check_ms
+    situation.tick(T0 + 3000)  # counted: covered
+    f.send("cov-a", "status", {"state": "off_duty"}, T0 + 3100)
+    situation.tick(T0 + 3000 + check_ms - 1)
+    assert not [i for i in situation.picture.incidents.values() if i.type == "coverage_gap"]
+    situation.tick(T0 + 3000 + check_ms)
+    [gap] = situation.picture.incidents.values()
+    assert (gap.type, gap.detail["zone"]) == ("coverage_gap", "square")
+
+
 def test_a_monitored_person_entering_an_exclusion_zone_is_a_breach() -> None:
     corners = [offset(CENTRE, n, e) for n, e in ((900, -100), (900, 100), (1100, 100), (1100, -100))]
     zone = {"id": "victim-home", "rule": "exclusion", "monitored": ["tag-7"], "points": [list(p) for p in corners]}
