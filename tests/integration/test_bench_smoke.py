@@ -69,3 +69,25 @@ def test_agent_footprint_bench_runs_briefly() -> None:
     assert 5 < figures["steady_rss_mb"] < 500
     assert figures["steady_pss_mb"] <= figures["steady_rss_mb"]
     assert figures["cpu_s_per_hour"] is not None
+
+
+def test_fleet_bench_runs_briefly() -> None:
+    """`bench/fleet` end to end with a handful of devices: nothing lost, the simulator
+    runs below the broker's and gateway's priority, and the figures are all there."""
+    script = Path(__file__).resolve().parents[2] / "bench" / "fleet"
+    out = subprocess.run([sys.executable, str(script), "--devices", "4", "--duration", "8", "--drain", "30",
+                          "--sample", "1", "--json"], capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    figures = json.loads(out.stdout[out.stdout.index("\n{") :])
+    assert figures["devices_started"] == 4
+    assert figures["produced"] >= 4 * 5
+    assert figures["stored"] == figures["produced"]
+    assert figures["missing"] == 0
+    assert figures["zero_loss"] is True
+    [priority] = figures["config"]["sim_priority"]
+    assert priority["nice"] == figures["config"]["sim_nice"] == 10
+    assert priority["autogroup_nice"] in (None, 10)  # None: a kernel without autogroups
+    assert sum(figures["machine_split_pct"].values()) == pytest.approx(100, abs=1)
+    for group in figures["groups"].values():
+        assert {"cpu_us_per_msg", "growth_mb_per_min", "late_growth_mb_per_min"} <= set(group)
+    assert "| growth, 2nd half |" in out.stdout
