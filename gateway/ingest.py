@@ -65,6 +65,7 @@ from typing import Any, TypeVar, cast
 
 import aiomqtt
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -260,6 +261,55 @@ class _ReaderGate:
                 self._arm()
 
 
+#: At most this many bytes go out in one coalesced socket write.
+COALESCE_BYTES = 64 * 1024
+
+
+def _needs_nothing_after_send(packet: Any) -> bool:
+    """paho acts on a QoS 0 PUBLISH (its on_publish) and a DISCONNECT once they are
+    written; every other packet (PUBACK, QoS 1 PUBLISH, SUBSCRIBE, PINGREQ) is just bytes."""
+    command = packet["command"] & 0xF0
+    return command != mqtt.DISCONNECT and not (command == mqtt.PUBLISH and packet["qos"] == 0)
+
+
+class _CoalescingPaho(mqtt.Client):
+    """paho's client, writing the packets it has queued in one socket write where paho
+    writes each on its own: a batch's PUBACKs (4 bytes each) and a round of receipts go
+    out as one TLS record and one system call instead of hundreds, on the gateway and on
+    the broker that reads them. Packets paho acts on after sending (QoS 0 PUBLISH,
+    DISCONNECT) are written as paho writes them; order is kept."""
+
+    def _packet_write(self) -> MQTTErrorCode:
+        queue = self._out_packet
+        if len(queue) > 1:
+            merged: deque[Any] = deque()
+            run: list[Any] = []
+            size = 0
+            for packet in queue:
+                if not _needs_nothing_after_send(packet):
+                    merged.extend(_joined(run))
+                    run, size = [], 0
+                    merged.append(packet)
+                    continue
+                if size >= COALESCE_BYTES:
+                    merged.extend(_joined(run))
+                    run, size = [], 0
+                run.append(packet)
+                size += packet["to_process"]
+            merged.extend(_joined(run))
+            queue.clear()
+            queue.extend(merged)
+        return super()._packet_write()
+
+
+def _joined(run: list[Any]) -> list[Any]:
+    """One packet carrying the unsent bytes of `run` (or `run` itself, if it is one)."""
+    if len(run) < 2:
+        return run
+    data = b"".join(bytes(p["packet"][p["pos"] :]) for p in run)
+    return [{"command": 0, "mid": 0, "qos": 0, "pos": 0, "to_process": len(data), "packet": data, "info": None}]
+
+
 class _IngestClient(aiomqtt.Client):
     """aiomqtt's client plus what aiomqtt 2.x lacks for an ingest: manual acknowledgements
     (paho's public API; aiomqtt#345) and reading the socket packet by packet under a gate
@@ -279,6 +329,8 @@ class _IngestClient(aiomqtt.Client):
             self._loop, read_packet=self._read_packet, buffered=self._buffered, is_full=inbox.full, nap_s=read_nap_s
         )
         self._loop = cast("asyncio.AbstractEventLoop", self.gate)
+        if type(self._client) is mqtt.Client:
+            self._client.__class__ = _CoalescingPaho
         self._client.manual_ack_set(True)
         self.pending_calls_threshold = 10_000  # receipts are published in bursts on purpose
 

@@ -7,6 +7,7 @@ go in the next receipt of the same round), which keeps it far below the envelope
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 DEFAULT_INTERVAL_MS = 2000
@@ -14,9 +15,14 @@ DEFAULT_MAX_SEQS = 1024
 
 
 class ReceiptBook:
-    """Stored-but-not-yet-receipted sequence numbers per device."""
+    """Stored-but-not-yet-receipted sequence numbers per device.
 
-    __slots__ = ("_last_sent", "_pending", "interval_ms", "max_seqs")
+    `due` costs what it returns, not the size of the fleet: devices owed a receipt whose
+    interval has passed wait in `_ready`; a device just receipted waits in `_cooling`
+    (in the order it was receipted, so the front is the next to come off) until its
+    interval has passed."""
+
+    __slots__ = ("_cooling", "_cooling_until", "_pending", "_ready", "interval_ms", "max_seqs")
 
     def __init__(self, interval_ms: int = DEFAULT_INTERVAL_MS, *, max_seqs: int = DEFAULT_MAX_SEQS) -> None:
         if interval_ms < 0:
@@ -26,7 +32,11 @@ class ReceiptBook:
         self.interval_ms = interval_ms
         self.max_seqs = max_seqs
         self._pending: dict[str, set[int]] = {}
-        self._last_sent: dict[str, int] = {}
+        #: Devices owed a receipt that may have it now (a dict as an ordered set).
+        self._ready: dict[str, None] = {}
+        #: (ms from which the device may have its next receipt, device), oldest first.
+        self._cooling: deque[tuple[int, str]] = deque()
+        self._cooling_until: dict[str, int] = {}
 
     def add(self, device: str, seqs: Iterable[int]) -> None:
         """These sequence numbers of `device` are now stored."""
@@ -36,6 +46,8 @@ class ReceiptBook:
         pending.update(seqs)
         if not pending:
             del self._pending[device]
+        elif device not in self._cooling_until:
+            self._ready[device] = None
 
     @property
     def pending(self) -> int:
@@ -45,12 +57,20 @@ class ReceiptBook:
     def due(self, now_ms: int, *, flush: bool = False) -> list[tuple[str, list[int]]]:
         """Take the receipts to send now: `(device, sorted seqs)`, possibly several per
         device when more than `max_seqs` are pending. `flush` ignores the interval."""
+        cooling, until = self._cooling, self._cooling_until
+        while cooling and cooling[0][0] <= now_ms:
+            at, device = cooling.popleft()
+            if until.get(device) == at:  # (a flush may have receipted it again since)
+                del until[device]
+                if device in self._pending:
+                    self._ready[device] = None
+        devices = list(self._pending) if flush else list(self._ready)
+        self._ready.clear()
         out: list[tuple[str, list[int]]] = []
-        for device in list(self._pending):
-            last = self._last_sent.get(device)
-            if not flush and last is not None and now_ms - last < self.interval_ms:
-                continue
+        next_ms = now_ms + self.interval_ms
+        for device in devices:
             seqs = sorted(self._pending.pop(device))
             out.extend((device, seqs[i : i + self.max_seqs]) for i in range(0, len(seqs), self.max_seqs))
-            self._last_sent[device] = now_ms
+            until[device] = next_ms
+            cooling.append((next_ms, device))
         return out

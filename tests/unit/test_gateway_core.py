@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
 import ssl
 import tempfile
 import threading
@@ -203,6 +204,31 @@ def test_receipts_first_at_once_then_at_most_one_per_interval() -> None:
     book.add("dev-a", [5])
     assert book.due(NOW + 600, flush=True) == [("dev-a", [5])]
     assert book.pending == 0
+
+
+def test_receipts_match_the_per_device_rule_for_a_fleet() -> None:
+    """Against the rule itself (a device is due when it has never had a receipt or had
+    its last one `interval` ago), over a random fleet with flushes."""
+    rng = random.Random(7)
+    book = ReceiptBook(1000, max_seqs=4)
+    last: dict[str, int] = {}
+    owed: dict[str, set[int]] = {}
+    now = NOW
+    for step in range(3000):
+        now += rng.choice((0, 10, 50, 200))
+        for _ in range(rng.randint(0, 5)):
+            device, seq = f"dev-{rng.randrange(40)}", step * 10 + rng.randrange(10)
+            book.add(device, [seq])
+            owed.setdefault(device, set()).add(seq)
+        flush = rng.random() < 0.01
+        expected = sorted(d for d in owed if flush or d not in last or now - last[d] >= 1000)
+        got = book.due(now, flush=flush)
+        assert sorted({d for d, _ in got}) == expected
+        for device in expected:
+            seqs = sorted(owed.pop(device))
+            assert [s for d, part in got if d == device for s in part] == seqs
+            last[device] = now
+        assert book.pending == len(owed)
 
 
 def test_receipts_are_split_past_max_seqs() -> None:
