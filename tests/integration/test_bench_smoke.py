@@ -87,6 +87,8 @@ def test_fleet_bench_runs_briefly() -> None:
     [priority] = figures["config"]["sim_priority"]
     assert priority["nice"] == figures["config"]["sim_nice"] == 10
     assert priority["autogroup_nice"] in (None, 10)  # None: a kernel without autogroups
+    assert figures["config"]["device_dir"].startswith("/dev/shm/" if Path("/dev/shm").is_dir() else "/")
+    assert not Path(figures["config"]["device_dir"]).exists()  # removed with the run
     assert sum(figures["machine_split_pct"].values()) == pytest.approx(100, abs=1)
     for group in figures["groups"].values():
         assert {"cpu_us_per_msg", "growth_mb_per_min", "late_growth_mb_per_min"} <= set(group)
