@@ -16,9 +16,9 @@ confirmations, drops) commits with synchronous=NORMAL: losing it only causes a r
 SQLite's WAL checkpoints (every ~1,000 pages written). `sync="off"` (for simulated
 fleets, whose devices all share one operating system) never fsyncs: it too survives a
 process crash, since the operating system holds what was written, but an operating
-system crash may lose or corrupt the file. A fleet of 2,000 simulated outboxes at
-"normal" fsyncs 8-16 times a second in checkpoints, and each fsync stalls the event
-loop every simulated device runs on.
+system crash may lose or corrupt the file. 2,000 simulated outboxes at "normal" each
+checkpoint every few minutes, and every checkpoint's fsyncs stall the event loop all of
+a simulator's devices run on (docs/benchmarks.md, "Fleet scale").
 
 Deferred bookkeeping (`bookkeeping_delay_s > 0`, what the agent uses): sent marks,
 confirmations and releases are written at once but committed with the next append, or
