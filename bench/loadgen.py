@@ -304,6 +304,16 @@ class GatewayRunner:
         self.stop()
 
 
+#: The fields of /proc/stat's first line, in order.
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal", "guest", "guest_nice")
+
+
+def machine_ticks() -> dict[str, int]:
+    """The whole machine's CPU time since boot by kind (clock ticks), from /proc/stat."""
+    values = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    return dict(zip(CPU_FIELDS, map(int, values), strict=False))
+
+
 class CpuMeter:
     """CPU seconds (user + system, all threads, and all descendant processes, such as the
     gateway's verify workers) each role's processes used between `start()` and
@@ -344,10 +354,10 @@ class CpuMeter:
     @staticmethod
     def machine_seconds() -> tuple[float, float]:
         """(busy, total) CPU seconds of the whole machine since boot."""
-        ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = ticks[3] + ticks[4]
+        ticks = machine_ticks()
+        idle = ticks["idle"] + ticks["iowait"]
         hz = os.sysconf("SC_CLK_TCK")
-        return (sum(ticks) - idle) / hz, sum(ticks) / hz
+        return (sum(ticks.values()) - idle) / hz, sum(ticks.values()) / hz
 
     def _sample(self) -> dict[str, dict[int, float]]:
         return {
