@@ -3,34 +3,9 @@
 from __future__ import annotations
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 from gateway.ingest import _CoalescingPaho, _Inbox, _IngestClient
-
-
-class _Socket:
-    """A non-blocking socket that takes at most `limit` bytes a send."""
-
-    def __init__(self, limit: int = 1 << 30) -> None:
-        self.out: list[bytes] = []
-        self.limit = limit
-
-    def send(self, data: bytes) -> int:
-        taken = bytes(data[: self.limit])
-        self.out.append(taken)
-        return len(taken)
-
-    def close(self) -> None:
-        pass
-
-
-def _client(cls: type[paho.Client], sock: _Socket) -> paho.Client:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="gw-1", protocol=paho.MQTTv5, manual_ack=True)
-    client.__class__ = cls
-    client.on_socket_register_write = lambda *_: None  # writes wait for loop_write, as on the event loop
-    client._sock = sock  # type: ignore[assignment]
-    client._state = paho._ConnectionState.MQTT_CS_CONNECTED
-    return client
+from tests.unit.test_link_paho import _client, _Socket
 
 
 def _queue_ack_batch(client: paho.Client, published: list[int]) -> None:
@@ -52,8 +27,8 @@ def _write_all(client: paho.Client) -> None:
 
 
 def _run(cls: type[paho.Client], limit: int = 1 << 30) -> tuple[_Socket, list[int]]:
-    sock, published = _Socket(limit), []
-    client = _client(cls, sock)
+    published: list[int] = []
+    client, sock = _client(cls, _Socket(limit), manual_ack=True)
     _queue_ack_batch(client, published)
     _write_all(client)
     return sock, published

@@ -13,15 +13,17 @@ from edge_agent.link import _LeanPaho
 
 
 class _Socket:
-    """What paho needs of a non-blocking TLS socket."""
+    """What paho needs of a non-blocking TLS socket; it takes at most `limit` bytes a send."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1 << 30) -> None:
         self.out: list[bytes] = []
         self.inbox = bytearray()
+        self.limit = limit
 
     def send(self, data: bytes) -> int:
-        self.out.append(bytes(data))
-        return len(data)
+        taken = bytes(data[: self.limit])
+        self.out.append(taken)
+        return len(taken)
 
     def recv(self, n: int) -> bytes:
         if not self.inbox:
@@ -37,11 +39,15 @@ class _Socket:
         pass
 
 
-def _client(cls: type[paho.Client]) -> tuple[paho.Client, _Socket]:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=paho.MQTTv5)
+def _client(
+    cls: type[paho.Client], sock: _Socket | None = None, *, manual_ack: bool = False
+) -> tuple[paho.Client, _Socket]:
+    """A connected client of class `cls` on a fake socket; writes wait for `loop_write`
+    unless paho writes them at once itself."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="dev-1", protocol=paho.MQTTv5, manual_ack=manual_ack)
     client.__class__ = cls
     client.on_socket_register_write = lambda *_: None
-    sock = _Socket()
+    sock = sock or _Socket()
     client._sock = sock  # type: ignore[assignment]
     client._state = paho._ConnectionState.MQTT_CS_CONNECTED
     return client, sock
