@@ -190,12 +190,18 @@ def test_a_timeout_not_yet_due_keeps_its_deadline() -> None:
     assert [r for r in copy.situation.tick(deadline).audit if r.action == "alert.timed_out"]
 
 
-def test_an_answer_to_a_pre_restart_alert_is_matched() -> None:
+def answered_then_restarted(answer: str, answered_ms: int) -> tuple[Any, Any, Fleet]:
+    """A panic at T0 + 5 s, off-b's `answer` to its alert, then a restart: the panic's
+    outcome, off-b's alert and the restored fleet."""
     fleet = fleet_at()
     out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, T0 + 5000)
     alert = next(s for s in out.sends if s.unit_id == "off-b")
-    fleet.send("off-b", "ack", {"alert_id": alert.alert_id, "answer": "received"}, T0 + 5200)
-    copy = restored(fleet)
+    fleet.send("off-b", "ack", {"alert_id": alert.alert_id, "answer": answer}, answered_ms)
+    return out, alert, restored(fleet)
+
+
+def test_an_answer_to_a_pre_restart_alert_is_matched() -> None:
+    out, alert, copy = answered_then_restarted("received", T0 + 5200)
     assert copy.situation.alerts.alert(alert.alert_id).state is S.DELIVERED
     assert [s.alert_id for s in copy.situation.alerts.unreceived(T0 + 6000)] == \
         sorted({s.alert_id for s in out.sends} - {alert.alert_id})
@@ -215,11 +221,7 @@ def test_an_answer_to_a_pre_restart_alert_is_matched() -> None:
 
 
 def test_a_committed_unit_stays_committed_and_is_not_asked_again() -> None:
-    fleet = fleet_at()
-    out = fleet.send("off-a", "event", {"type": "panic", **at(100)}, T0 + 5000)
-    alert = next(s for s in out.sends if s.unit_id == "off-b")
-    fleet.send("off-b", "ack", {"alert_id": alert.alert_id, "answer": "accepted"}, T0 + 6000)
-    copy = restored(fleet)
+    _out, _alert, copy = answered_then_restarted("accepted", T0 + 6000)
     for unit in PLACES:  # fixes only: no status after the restart
         for i in range(3):
             copy.send(unit, "telemetry", at(PLACES[unit]), T0 + 7000 + i * 1000)
