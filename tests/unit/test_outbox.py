@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from edge_agent.outbox import WILL_BODY, Outbox, OutboxError
+from edge_agent.outbox import SIMULATED_WAL_PAGES, WILL_BODY, Outbox, OutboxError
 from edge_agent.wire.envelope import KeySigner, PublicKey
 from edge_agent.wire.errors import Malformed, UnknownSender
 from edge_agent.wire.ids import Role
@@ -61,6 +66,47 @@ def test_sync_sets_how_sqlite_syncs_and_what_is_kept_survives(
         assert ob._db.execute("PRAGMA synchronous").fetchone()[0] == level
     with Outbox(path, signer, sync=sync) as ob:  # type: ignore[arg-type]
         assert ob.seqs() == [1, 2]
+
+
+def test_a_simulated_outbox_is_its_process_own_and_keeps_a_short_wal(path: Path, signer: KeySigner) -> None:
+    """sync="off" (thousands of outboxes on one RAM disk): no shared-memory WAL index
+    file, no second reader, and the WAL is checkpointed every SIMULATED_WAL_PAGES pages
+    instead of growing to SQLite's ~1,000."""
+    wal = path.with_name(path.name + "-wal")
+    with Outbox(path, signer, sync="off") as ob:
+        for i in range(400):
+            ob.append("telemetry", POS, T0 + i)
+        assert not path.with_name(path.name + "-shm").exists()
+        assert ob._db.execute("PRAGMA locking_mode").fetchone()[0] == "exclusive"
+        with (
+            contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=0)) as other,
+            pytest.raises(sqlite3.OperationalError, match="locked"),
+        ):
+            other.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        assert wal.stat().st_size <= (SIMULATED_WAL_PAGES + 8) * 4200
+    with Outbox(path, signer) as ob:
+        assert ob._db.execute("PRAGMA locking_mode").fetchone()[0] == "normal"
+        assert len(ob.seqs()) == 400
+
+
+def test_a_simulated_outbox_keeps_what_it_committed_when_its_process_dies(path: Path, signer: KeySigner) -> None:
+    """A simulator killed mid-run (no close, the WAL not checkpointed) loses no appended message."""
+    key = signer.key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()).decode()
+    script = f"""
+import os
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from edge_agent.outbox import Outbox
+from edge_agent.wire.envelope import KeySigner
+ob = Outbox({str(path)!r}, KeySigner({SENDER!r}, load_pem_private_key({key!r}.encode(), None)), sync="off")
+for i in range(150):
+    ob.append("telemetry", {POS!r}, {T0} + i)
+os._exit(9)
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, cwd=Path(__file__).parents[2])
+    assert done.returncode == 9
+    with Outbox(path, signer, sync="off") as ob:
+        assert ob.seqs() == list(range(1, 151))
+        assert ob.append("telemetry", POS, T0 + 150) == 151
 
 
 def test_an_unknown_sync_mode_is_refused(path: Path, signer: KeySigner) -> None:
@@ -254,8 +300,6 @@ def test_stats_by_lane(path: Path, signer: KeySigner) -> None:
 
 
 def _committed_sent_marks(path: Path) -> list[int]:
-    import sqlite3  # noqa: PLC0415
-
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
         return [r[0] for r in db.execute("SELECT seq FROM outbox WHERE sent_ms IS NOT NULL ORDER BY seq")]
