@@ -523,6 +523,11 @@ class Outbox:
             return [r[0] for r in self._db.execute("SELECT seq FROM outbox ORDER BY seq")]
         return [r[0] for r in self._db.execute("SELECT seq FROM outbox WHERE kind = ? ORDER BY seq", (kind,))]
 
+    def message(self, seq: int) -> tuple[str, bytes] | None:
+        """The kind and signed bytes of a held message, as committed (None: not held)."""
+        row = self._db.execute("SELECT kind, data FROM outbox WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else (str(row[0]), bytes(row[1]))
+
     def stats(self) -> OutboxStats:
         pending = dict.fromkeys(LANES, 0)
         held = 0

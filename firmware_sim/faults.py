@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import random
-import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -232,26 +231,24 @@ class Captured:
 @dataclass
 class Capture:
     """Records the first `count` telemetry messages a device commits (exact bytes), by
-    reading its outbox file right after each commit: what an attacker on the path would
-    have copied."""
+    reading each back from its outbox right after its commit: what an attacker on the
+    path would have copied."""
 
     agent: Agent
     count: int
     rows: list[Captured] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            f"file:{self.agent.settings.outbox_path}?mode=ro", uri=True
-        )
         self._chained = self.agent.outbox.on_append
+        self._capturing = True
         self.agent.outbox.on_append = self._on_append
 
     def _on_append(self) -> None:
-        if self._db is not None and len(self.rows) < self.count:
+        if self._capturing and len(self.rows) < self.count:
             seq = self.agent.outbox.next_seq - 1
-            row = self._db.execute("SELECT kind, data FROM outbox WHERE seq = ?", (seq,)).fetchone()
-            if row is not None and row[0] == "telemetry":
-                self.rows.append(Captured(seq, row[0], bytes(row[1])))
+            committed = self.agent.outbox.message(seq)
+            if committed is not None and committed[0] == "telemetry":
+                self.rows.append(Captured(seq, *committed))
             if len(self.rows) >= self.count:
                 self.close()
         if self._chained is not None:
@@ -262,9 +259,8 @@ class Capture:
         return len(self.rows) >= self.count
 
     def close(self) -> None:
-        if self._db is not None:
-            self._db.close()
-            self._db = None
+        if self._capturing:
+            self._capturing = False
             self.agent.outbox.on_append = self._chained
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from certs.pki import DEFAULT_GATEWAY_ID, Pki
+from edge_agent import eventloop
 
 #: `sys.setswitchinterval` for the gateway process (Python's default is 0.005).
 GIL_SWITCH_S = 0.001
@@ -77,14 +78,15 @@ def run(
         gc.freeze()
         click.echo(
             f"gateway {settings.gateway_id}: API at {gw.api_url} (mutual TLS; OpenAPI {gw.api_url}/openapi.json, "
-            f"docs {gw.api_url}/docs); ingest from {settings.broker}; store {settings.db_path}",
+            f"docs {gw.api_url}/docs); ingest from {settings.broker}; store {settings.db_path}; "
+            f"{eventloop.loop_name()} event loop",
         )
 
     # The event loop, the database thread and the verify pipes' threads share the GIL:
     # hand it over every 1 ms instead of 5, so an alarm's commit does not wait out the
     # loop's time slices at every SQLite step.
     sys.setswitchinterval(GIL_SWITCH_S)
-    asyncio.run(serve(settings, on_ready=ready))
+    eventloop.run(serve(settings, on_ready=ready))
 
 
 @click.command()

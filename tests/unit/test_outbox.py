@@ -177,6 +177,13 @@ def test_confirm_deletes_exactly_the_receipted_seqs(path: Path, signer: KeySigne
         assert ob.seqs() == [1, 5, 6, 8, 9, 10]
         assert ob.confirm([(2, 4), (50, 60)]) == 0
         assert ob.stats().confirmed == 4
+        assert ob.message(3) is None
+        kind, data = ob.message(5) or ("", b"")
+        keys = Keys(SENDER, signer.key.public_key())
+        assert (kind, verify_message(str(Topic.up(SENDER, kind)), data, keys, frozenset({Role.DEVICE})).seq) == (
+            "telemetry",
+            5,
+        )
 
 
 def test_overflow_drops_oldest_telemetry_only_and_counts_it(
