@@ -83,7 +83,7 @@ REGISTRY_FILE = "registry.yaml"
 HOTLIST_FILE = "hotlist.yaml"
 #: The identity the simulator uses to read the gateway's API.
 OPERATOR_ID = "sim-operator"
-#: File descriptors per device: its socket, the outbox, its WAL and shared-memory files.
+#: File descriptors per device: its socket, the outbox and its WAL file, and one to spare.
 FDS_PER_DEVICE = 4
 #: Patrol loops computed per unit group; units share them with different starting points.
 ROUTE_POOL = 32
