@@ -1,7 +1,8 @@
 """Run Mosquitto as Bluelight's broker: mutual TLS only, identities from certificates,
 per-identity ACLs, CRL, persistence. Revocation is applied live: when the CRL changes,
 the revoked identities get a `deny #` ACL and Mosquitto is sent SIGHUP, which reloads
-the CRL for new connections and the ACL for sessions already open."""
+the CRL for new connections and the ACL for sessions already open. A Mosquitto that
+dies is restarted (capped, jittered backoff)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import contextlib
 import getpass
 import logging
 import os
+import random
 import shutil
 import signal
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,14 @@ log = logging.getLogger(__name__)
 
 #: How often the supervisor looks for a changed CRL.
 REVOCATION_POLL_S = 0.5
+#: A Mosquitto that dies after running at least this long is restarted (a crash; Debian's
+#: 2.0.11 segfaulted here once, seconds after a CRL reload); one that dies sooner failed
+#: to start (a port taken, a bad file), and the supervisor gives up with its status.
+MIN_UPTIME_S = 5.0
+#: Restart delays: doubling from the first to the cap, jittered, reset after a stable run.
+RESTART_FIRST_S = 0.5
+RESTART_MAX_S = 30.0
+STABLE_S = 60.0
 
 
 class BrokerError(BluelightError):
@@ -134,6 +145,8 @@ class Broker:
 
     settings: BrokerSettings
     process: asyncio.subprocess.Process | None = None
+    #: Times the supervisor restarted a Mosquitto that died.
+    restarts: int = 0
     _crl_mtime: float = 0.0
 
     @property
@@ -163,10 +176,12 @@ class Broker:
         tmp.replace(self.acl_path)
 
     async def __aenter__(self) -> Broker:
-        exe = find_mosquitto()
         self.write_files()
-        self.process = await asyncio.create_subprocess_exec(exe, "-c", str(self.config_path))
+        await self._start()
         return self
+
+    async def _start(self) -> None:
+        self.process = await asyncio.create_subprocess_exec(find_mosquitto(), "-c", str(self.config_path))
 
     async def __aexit__(self, *exc: object) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -192,7 +207,30 @@ class Broker:
         return True
 
     async def supervise(self) -> int:
-        """Apply revocations until Mosquitto exits; returns its exit code."""
+        """Apply revocations, and restart Mosquitto when it dies after running at least
+        `MIN_UPTIME_S` (its persistence keeps sessions and queues; clients reconnect).
+        Returns its exit status once it dies sooner than that after a start."""
+        rng = random.Random()
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            code = await self._watch()
+            ran = time.monotonic() - started
+            if ran < MIN_UPTIME_S:
+                return code
+            attempt = 0 if ran >= STABLE_S else attempt + 1
+            delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2**attempt) * rng.uniform(0.5, 1.0)
+            self.restarts += 1
+            log.error(
+                "mosquitto died (status %d) after %.0f s; restarting it in %.1f s (restart %d)",
+                code, ran, delay, self.restarts,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+            self.write_acl()  # revocations made while it was down
+            await self._start()
+
+    async def _watch(self) -> int:
+        """Apply revocations until Mosquitto exits; returns its exit status."""
         assert self.process is not None
         while True:
             with contextlib.suppress(TimeoutError):

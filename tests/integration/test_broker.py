@@ -4,6 +4,8 @@ per-identity ACLs, revocation. Real Mosquitto, real certificates, paho as the cl
 from __future__ import annotations
 
 import datetime as dt
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -16,10 +18,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from bluelight.broker import MIN_UPTIME_S
 from certs.pki import Identity, Pki
 from certs.tls import client_context
 from edge_agent.wire.ids import Role
-from tests.helpers import MosquittoProcess, free_port, kill_pid, wait_for_port
+from tests.helpers import MosquittoProcess, free_port, stop_process, wait_for_port
 
 NOT_AUTHORIZED = 135
 
@@ -230,9 +233,44 @@ def test_broker_cli_applies_revocation_live(pki: Pki, tmp_path: Path) -> None:
         live.close()
         assert handshake_refused(port, client_context(pki, ident))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            kill_pid(proc.pid)
+        stop_process(proc)
         log.close()
+
+
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_broker_cli_restarts_a_mosquitto_that_dies(pki: Pki, tmp_path: Path) -> None:
+    """A Mosquitto that crashes (SIGSEGV) under `bluelight broker run` is restarted on the
+    same port, and devices connect and publish again."""
+    ident = pki.issue(Role.DEVICE, "dev-restart")
+    port = free_port()
+    log_path = tmp_path / "broker-cli.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root), "--port", str(port),
+             "--data", str(tmp_path / "b")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for_port(port)
+        first = _children(proc.pid)
+        assert len(first) == 1
+        peer = Peer(port, client_context(pki, ident), "dev-restart").connect()
+        assert peer.publish_ok("bl/v1/dev-restart/up/telemetry")
+        peer.close()
+        time.sleep(MIN_UPTIME_S + 0.5)  # a crash, not a start that failed
+        os.kill(first[0], signal.SIGSEGV)
+        deadline = time.monotonic() + 15
+        while not (children := _children(proc.pid)) or children == first:
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "mosquitto was not restarted"
+            time.sleep(0.1)
+        wait_for_port(port)
+        again = Peer(port, client_context(pki, ident), "dev-restart").connect()
+        assert again.publish_ok("bl/v1/dev-restart/up/telemetry")
+        again.close()
+        assert "mosquitto died (status -11)" in log_path.read_text()
+    finally:
+        stop_process(proc)

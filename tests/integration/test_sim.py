@@ -27,7 +27,7 @@ from certs.pki import Pki
 from firmware_sim.fleet import HOTLIST_FILE, REGISTRY_FILE, FleetOptions, run_fleet, write_gateway_files
 from firmware_sim.scenario import parse_scenario
 from firmware_sim.summary import GatewayApi
-from tests.helpers import MosquittoProcess, free_port, kill_pid, wait_for_port
+from tests.helpers import free_port, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -110,17 +110,41 @@ class Gateway:
             return db.execute(sql, args).fetchall()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                kill_pid(self.proc.pid)
-                self.proc.wait()
+        stop_process(self.proc)
+
+
+class SupervisedBroker:
+    """`bluelight broker run`, as the demo and an operator run it: it reloads the CRL
+    itself when a certificate is revoked, and restarts a Mosquitto that dies."""
+
+    def __init__(self, pki: Pki, tmp: Path) -> None:
+        self.port = free_port()
+        self.log = tmp / "broker-cli.log"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root),
+                 "--port", str(self.port), "--data", str(tmp / "broker")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port, 15)
+
+    @property
+    def broker_addr(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
 
 
 @pytest.fixture
-def gateway(pki: Pki, broker: MosquittoProcess, tmp_path: Path) -> Iterator[Gateway]:
+def broker(pki: Pki, tmp_path: Path) -> Iterator[SupervisedBroker]:
+    b = SupervisedBroker(pki, tmp_path)
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def gateway(pki: Pki, broker: SupervisedBroker, tmp_path: Path) -> Iterator[Gateway]:
     gw = Gateway(pki, broker.port, tmp_path)
     yield gw
     gw.stop()
@@ -132,13 +156,13 @@ def gateway(pki: Pki, broker: MosquittoProcess, tmp_path: Path) -> Iterator[Gate
 # its finalizer; nothing leaks for good.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_every_model_and_fault_end_to_end(
-    pki: Pki, broker: MosquittoProcess, gateway: Gateway, tmp_path: Path
+    pki: Pki, broker: SupervisedBroker, gateway: Gateway, tmp_path: Path
 ) -> None:
     scenario = parse_scenario(SCENARIO, "ci-everything.yaml")
     truth = tmp_path / "truth.jsonl"
     options = FleetOptions(
         pki_dir=pki.root, broker=broker.broker_addr, run_dir=tmp_path / "sim", gateway_api=gateway.api,
-        truth_path=truth, drain_s=20, on_revoke=broker.reload,
+        truth_path=truth, drain_s=20,
     )
     started = time.monotonic()
     summary = await run_fleet(scenario, options)
