@@ -9,11 +9,13 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bluelight.broker import Broker, BrokerSettings, find_mosquitto
+from certs.pki import Pki
 
 
 def free_port() -> int:
@@ -79,6 +81,32 @@ class MosquittoProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class SupervisedBroker:
+    """`bluelight broker run`, as the demo and an operator run it: it reloads the CRL
+    itself when a certificate is revoked, and restarts a Mosquitto that dies."""
+
+    def __init__(self, pki: Pki, tmp: Path) -> None:
+        self.port = free_port()
+        self.log_path = tmp / "broker-cli.log"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root),
+                 "--port", str(self.port), "--data", str(tmp / "broker")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        wait_for_port(self.port, 15)
+
+    @property
+    def broker_addr(self) -> str:
+        return f"localhost:{self.port}"
+
+    def stop(self) -> None:
+        stop_process(self.proc)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
 
 def kill_pid(pid: int) -> None:

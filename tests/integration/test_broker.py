@@ -22,7 +22,7 @@ from bluelight.broker import MIN_UPTIME_S
 from certs.pki import Identity, Pki
 from certs.tls import client_context
 from edge_agent.wire.ids import Role
-from tests.helpers import MosquittoProcess, free_port, stop_process, wait_for_port
+from tests.helpers import MosquittoProcess, SupervisedBroker, wait_for_port
 
 NOT_AUTHORIZED = 135
 
@@ -211,16 +211,9 @@ def test_revocation_refuses_new_connections_and_silences_live_session(pki: Pki, 
 def test_broker_cli_applies_revocation_live(pki: Pki, tmp_path: Path) -> None:
     """`bluelight broker run` watches the CRL: revoking needs no restart of anything."""
     ident = pki.issue(Role.DEVICE, "dev-revoke-cli")
-    port = free_port()
-    log = (tmp_path / "broker-cli.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root), "--port", str(port),
-         "--data", str(tmp_path / "b")],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
+    broker = SupervisedBroker(pki, tmp_path)
     try:
-        wait_for_port(port)
-        live = Peer(port, client_context(pki, ident), "dev-revoke-cli").connect()
+        live = Peer(broker.port, client_context(pki, ident), "dev-revoke-cli").connect()
         assert live.publish_ok("bl/v1/dev-revoke-cli/up/telemetry")
         revoked_at = time.monotonic()
         subprocess.run(
@@ -231,10 +224,9 @@ def test_broker_cli_applies_revocation_live(pki: Pki, tmp_path: Path) -> None:
             assert time.monotonic() - revoked_at < 5, "revocation not applied by the broker supervisor"
             time.sleep(0.05)
         live.close()
-        assert handshake_refused(port, client_context(pki, ident))
+        assert handshake_refused(broker.port, client_context(pki, ident))
     finally:
-        stop_process(proc)
-        log.close()
+        broker.stop()
 
 
 def _children(pid: int) -> list[int]:
@@ -245,32 +237,25 @@ def test_broker_cli_restarts_a_mosquitto_that_dies(pki: Pki, tmp_path: Path) -> 
     """A Mosquitto that crashes (SIGSEGV) under `bluelight broker run` is restarted on the
     same port, and devices connect and publish again."""
     ident = pki.issue(Role.DEVICE, "dev-restart")
-    port = free_port()
-    log_path = tmp_path / "broker-cli.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root), "--port", str(port),
-             "--data", str(tmp_path / "b")],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    broker = SupervisedBroker(pki, tmp_path)
+    supervisor = broker.proc
     try:
-        wait_for_port(port)
-        first = _children(proc.pid)
+        first = _children(supervisor.pid)
         assert len(first) == 1
-        peer = Peer(port, client_context(pki, ident), "dev-restart").connect()
+        peer = Peer(broker.port, client_context(pki, ident), "dev-restart").connect()
         assert peer.publish_ok("bl/v1/dev-restart/up/telemetry")
         peer.close()
         time.sleep(MIN_UPTIME_S + 0.5)  # a crash, not a start that failed
         os.kill(first[0], signal.SIGSEGV)
         deadline = time.monotonic() + 15
-        while not (children := _children(proc.pid)) or children == first:
-            assert proc.poll() is None, log_path.read_text()
+        while not (children := _children(supervisor.pid)) or children == first:
+            assert supervisor.poll() is None, broker.log()
             assert time.monotonic() < deadline, "mosquitto was not restarted"
             time.sleep(0.1)
-        wait_for_port(port)
-        again = Peer(port, client_context(pki, ident), "dev-restart").connect()
+        wait_for_port(broker.port)
+        again = Peer(broker.port, client_context(pki, ident), "dev-restart").connect()
         assert again.publish_ok("bl/v1/dev-restart/up/telemetry")
         again.close()
-        assert "mosquitto died (status -11)" in log_path.read_text()
+        assert "mosquitto died (status -11)" in broker.log()
     finally:
-        stop_process(proc)
+        broker.stop()

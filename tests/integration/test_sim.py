@@ -27,7 +27,7 @@ from certs.pki import Pki
 from firmware_sim.fleet import HOTLIST_FILE, REGISTRY_FILE, FleetOptions, run_fleet, write_gateway_files
 from firmware_sim.scenario import parse_scenario
 from firmware_sim.summary import GatewayApi
-from tests.helpers import free_port, stop_process, wait_for_port
+from tests.helpers import SupervisedBroker, free_port, stop_process, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -108,29 +108,6 @@ class Gateway:
         db = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
         with contextlib.closing(db):
             return db.execute(sql, args).fetchall()
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-
-class SupervisedBroker:
-    """`bluelight broker run`, as the demo and an operator run it: it reloads the CRL
-    itself when a certificate is revoked, and restarts a Mosquitto that dies."""
-
-    def __init__(self, pki: Pki, tmp: Path) -> None:
-        self.port = free_port()
-        self.log = tmp / "broker-cli.log"
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bluelight", "broker", "run", "--pki", str(pki.root),
-                 "--port", str(self.port), "--data", str(tmp / "broker")],
-                stdout=log, stderr=subprocess.STDOUT,
-            )
-        wait_for_port(self.port, 15)
-
-    @property
-    def broker_addr(self) -> str:
-        return f"localhost:{self.port}"
 
     def stop(self) -> None:
         stop_process(self.proc)
