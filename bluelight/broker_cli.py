@@ -47,7 +47,7 @@ def broker() -> None:
 @broker.command()
 @_with_options
 def run(pki_dir: Path, port: int, host: str, data_dir: Path | None, gateway_ids: tuple[str, ...]) -> None:
-    """Run Mosquitto in the foreground and apply revocations as the CRL changes."""
+    """Run Mosquitto in the foreground, apply revocations as the CRL changes, and restart it if it dies."""
     settings = _settings(pki_dir, port, host, data_dir, gateway_ids)
 
     async def _run() -> int:
