@@ -93,3 +93,19 @@ def test_fleet_bench_runs_briefly() -> None:
     for group in figures["groups"].values():
         assert {"cpu_us_per_msg", "growth_mb_per_min", "late_growth_mb_per_min"} <= set(group)
     assert "| growth, 2nd half |" in out.stdout
+
+
+def test_mqtt_client_bench_measures_both_clients() -> None:
+    """bench/mqtt-client, 3 connections for 3 s: both clients publish about once a second
+    per connection and each gets a CPU figure."""
+    bench = Path(__file__).parents[2] / "bench" / "mqtt-client"
+    done = subprocess.run(
+        [sys.executable, str(bench), "--connections", "3", "--seconds", "3", "--warmup", "1", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    figures = json.loads(done.stdout[done.stdout.index("{") :])
+    assert figures["connections"] == 3
+    assert set(figures["results"]) == {"agent", "floor"}
+    for result in figures["results"].values():
+        assert 6 <= result["publishes"] <= 12, result
+        assert result["cpu_us_per_publish"] > 0
