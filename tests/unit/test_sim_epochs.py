@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from typing import Any
 
 import pytest
@@ -28,7 +29,12 @@ def _key(r: Reading) -> tuple[Any, ...]:
 
 
 async def test_scheduled_receivers_report_what_a_driver_task_would() -> None:
-    clock = SimClock(speed=50)
+    # The clock stands still until the receiver on its own task has started, so both
+    # ways take their first epoch from the same instant (at 50x an epoch is 20 ms of
+    # real time: a busy machine could otherwise start the task an epoch later).
+    t0 = time.monotonic()
+    standing = [True]
+    clock = SimClock(speed=50, monotonic=lambda: t0 if standing[0] else time.monotonic())
     epochs = EpochScheduler(clock, speed=clock.speed)
     scheduled: dict[int, list[Reading]] = {s: [] for s in (1, 2, 3)}
     for seed, out in scheduled.items():
@@ -42,6 +48,9 @@ async def test_scheduled_receivers_report_what_a_driver_task_would() -> None:
             alone.append(reading)  # noqa: PERF401
 
     task = asyncio.create_task(pump())
+    while gnss.start_ms is None:
+        await asyncio.sleep(0)
+    standing[0] = False
     await asyncio.sleep(0.5)  # 25 simulated seconds
     epochs.close()
     task.cancel()
