@@ -13,11 +13,9 @@ fast path only ever runs command lines click would have run the same way.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import os
 import sys
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,52 +85,13 @@ def parse_run(args: Sequence[str]) -> dict[str, Any] | None:
     return values
 
 
-class _Deferred(types.ModuleType):
-    """Stands in for a module until one of its attributes is used, then imports it."""
-
-    def __getattr__(self, attribute: str) -> Any:
-        name = self.__name__
-        if sys.modules.get(name) is self:
-            del sys.modules[name]
-        real = importlib.import_module(name)  # binds the real module on its package too
-        return getattr(real, attribute)
-
-
-#: Modules paho-mqtt imports but an agent never uses, each with what it would cost.
-#: `urllib.request` (and with it http.client, email.parser, tempfile and shutil: ~1.5 MB
-#: RSS) is read only for proxy settings when PySocks is installed; `uuid` (~0.1 MB) only
-#: for a client without an id (an agent's id is its certificate's CN) or over websockets.
-DEFERRED_IMPORTS = ("urllib.request", "uuid")
-
-
-def defer_unused_imports(names: Sequence[str] = DEFERRED_IMPORTS) -> None:
-    """Import each of `names` only if something uses it: until then `sys.modules` holds a
-    stand-in that imports the real module on its first attribute access, so any later
-    use gets the real one. (The stdlib's `LazyLoader` does not help: on Python 3.11 the
-    import statement itself reads the module's `__spec__`, which runs it.) Done on the
-    agent's own entry point only, before paho is imported."""
-    for name in names:
-        if name in sys.modules:
-            continue
-        spec = importlib.util.find_spec(name)
-        if spec is None:
-            continue
-        stub = _Deferred(name)
-        stub.__spec__ = spec
-        sys.modules[name] = stub
-        parent, _, child = name.rpartition(".")
-        if parent:
-            setattr(importlib.import_module(parent), child, stub)  # what a real import binds
-
-
 def run_agent(config: Path | None, options: Mapping[str, Any]) -> None:
     """What `bluelight agent run` does with its parsed options, whichever parser read them."""
     from edge_agent.settings import load_settings  # noqa: PLC0415 - the entry point stays light
 
     options = {**options, "panic_at_s": options.get("panic_at_s") or None}
     settings = load_settings(config, options)
-    defer_unused_imports()
-    from edge_agent.agent import Agent  # noqa: PLC0415 - after defer_unused_imports()
+    from edge_agent.agent import Agent  # noqa: PLC0415 - the entry point stays light
 
     async def main() -> None:
         with Agent(settings) as device:

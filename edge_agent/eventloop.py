@@ -5,8 +5,8 @@ one per timer, callback and socket event), else asyncio's own.
     result = run(main())                 # like asyncio.run
     BLUELIGHT_LOOP=asyncio bluelight ... # force the stdlib loop
 
-Nothing in the agent depends on which loop runs it: the MQTT link watches paho's
-(TLS) socket with `add_reader`/`add_writer`, which both loops provide.
+Nothing in the agent depends on which loop runs it: its MQTT connection is an
+`asyncio.Protocol` on the loop's own TLS transport, which both loops provide.
 """
 
 from __future__ import annotations

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiomqtt import MqttError
 
 from certs.pki import Pki, PkiError
 from certs.registry import KeyRegistry
@@ -52,6 +51,7 @@ from edge_agent.config import parse_hostport
 from edge_agent.drivers import Clock, Driver, Reading
 from edge_agent.errors import BluelightError, ConfigError
 from edge_agent.eventloop import loop_name
+from edge_agent.mqtt.client import MqttError
 from edge_agent.settings import AgentSettings
 from edge_agent.wire.envelope import Message
 from edge_agent.wire.geo import LatLon, bearing_deg, distance_m
@@ -1050,15 +1050,15 @@ class Fleet:
         ]
         after, devices = None, None
         if api is not None:
-            wanted = {r.id: r.expected_last_seq for r in reports if r.started and not r.refused_as and r.produced}
+            # The last messages (a graceful stop's offline status) may still be on their
+            # way through the broker and the gateway's batch: wait for them a while.
+            wanted = [r for r in reports if r.started and not r.refused_as and r.produced]
             deadline = time.monotonic() + 20
             while True:
                 after, error = await self._gateway_stats(api)
                 devices, dev_error = await self._gateway_devices(api)
                 error = error or dev_error
-                if devices is not None and all(
-                    int(devices.get(i, {}).get("last_seq", 0)) >= s for i, s in wanted.items()
-                ):
+                if devices is not None and all(r.stored_at(devices.get(r.id)) for r in wanted):
                     break
                 if time.monotonic() > deadline or error is not None:
                     break

@@ -196,6 +196,14 @@ class DeviceReport:
         """The highest seq the gateway must hold: everything but held presence rows."""
         return self.next_seq - 1 - self.held
 
+    def stored_at(self, view: Mapping[str, Any] | None) -> bool:
+        """Whether the gateway's view of this device (`/api/v1/devices`) holds every
+        seq it must: nothing missing from `first_seq` on, and its last seq stored."""
+        if view is None:
+            return False
+        missing = [s for s in view.get("missing", []) if s >= self.first_seq]
+        return not missing and int(view.get("last_seq", 0)) >= self.expected_last_seq
+
 
 @dataclass
 class FaultRecord:
@@ -431,11 +439,8 @@ class _Judge:
         return f"{device}: last seq {view['last_seq']}, missing {view['missing'][:5] or '[]'}"
 
     def _complete(self, device: str) -> bool:
-        d, view = self.devices.get(device), self.gw.get(device)
-        if d is None or view is None:
-            return False
-        missing = [s for s in view.get("missing", []) if s >= d.first_seq]
-        return not missing and int(view.get("last_seq", 0)) >= d.expected_last_seq
+        d = self.devices.get(device)
+        return d is not None and d.stored_at(self.gw.get(device))
 
     def _link(self, r: FaultRecord) -> tuple[str, bool]:
         complete = [u for u in r.fault.units if self._complete(u)]

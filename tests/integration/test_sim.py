@@ -127,11 +127,6 @@ def gateway(pki: Pki, broker: SupervisedBroker, tmp_path: Path) -> Iterator[Gate
     gw.stop()
 
 
-# paho-mqtt 2.2 leaves the SSL socket of a failed TLS handshake unclosed (its
-# `_ssl_wrap_socket` raises before the socket is stored): the revoked device's refused
-# reconnects produce a ResourceWarning when it is collected. The socket is closed by
-# its finalizer; nothing leaks for good.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_every_model_and_fault_end_to_end(
     pki: Pki, broker: SupervisedBroker, gateway: Gateway, tmp_path: Path
 ) -> None:

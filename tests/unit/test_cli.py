@@ -207,21 +207,13 @@ def test_agent_commands_do_not_import_the_other_roles() -> None:
     assert not unwanted, sorted(unwanted)
 
 
-def test_deferred_imports_load_on_first_use() -> None:
-    loaded = _modules_after(
-        "from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\nimport edge_agent.agent"
-    )
-    assert "paho.mqtt.client" in loaded
-    assert "http.client" not in loaded
-    assert "_uuid" not in loaded  # `uuid` is only the stand-in
-    after_use = _modules_after(
-        "from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\nimport edge_agent.agent\n"
-        "import urllib.request, paho.mqtt.client as p\nassert callable(p.urllib.request.getproxies)\n"
-        "assert type(urllib.request).__name__ == 'module', type(urllib.request)\n"
-        "assert len(p.uuid.uuid4().hex) == 32\nimport uuid\nassert type(uuid).__name__ == 'module'"
-    )
-    assert "http.client" in after_use
-    assert "_uuid" in after_use
+def test_the_agent_runs_on_its_own_mqtt_client() -> None:
+    """An agent loads neither paho-mqtt nor aiomqtt (nor what they import: urllib's HTTP
+    stack, uuid): its MQTT client is `edge_agent.mqtt`."""
+    loaded = _modules_after("import edge_agent.agent")
+    assert "edge_agent.mqtt.client" in loaded
+    unwanted = {m for m in loaded if m.split(".")[0] in {"paho", "aiomqtt"}} | ({"http.client", "uuid"} & loaded)
+    assert not unwanted, sorted(unwanted)
 
 
 @pytest.mark.parametrize("verbose", [[], ["-vv", "--verbose"]])
@@ -234,8 +226,7 @@ def test_agent_run_does_not_load_click_or_the_pki_audit_log(tmp_path: Path, verb
     )
     assert "edge_agent.settings" in loaded  # it got as far as the settings (no CA bundle there)
     assert "click" not in loaded
-    agent = _modules_after("from edge_agent.entry import defer_unused_imports\ndefer_unused_imports()\n"
-                           "import edge_agent.agent")
+    agent = _modules_after("import edge_agent.agent")
     unwanted = {"click", "json", "getpass", "tomllib", "certs.auditchain", "certs.auditlog"} & agent
     assert not unwanted, sorted(unwanted)
 

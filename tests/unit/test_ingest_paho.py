@@ -5,7 +5,7 @@ from __future__ import annotations
 import paho.mqtt.client as paho
 
 from gateway.ingest import _CoalescingPaho, _Inbox, _IngestClient
-from tests.unit.test_link_paho import _client, _Socket
+from tests.paho_fake import FakeTlsSocket, connected_client
 
 
 def _queue_ack_batch(client: paho.Client, published: list[int]) -> None:
@@ -26,9 +26,9 @@ def _write_all(client: paho.Client) -> None:
     raise AssertionError("never finished writing")
 
 
-def _run(cls: type[paho.Client], limit: int = 1 << 30) -> tuple[_Socket, list[int]]:
+def _run(cls: type[paho.Client], limit: int = 1 << 30) -> tuple[FakeTlsSocket, list[int]]:
     published: list[int] = []
-    client, sock = _client(cls, _Socket(limit), manual_ack=True)
+    client, sock = connected_client(cls, FakeTlsSocket(limit), manual_ack=True)
     _queue_ack_batch(client, published)
     _write_all(client)
     return sock, published

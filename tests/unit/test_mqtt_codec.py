@@ -33,9 +33,9 @@ from edge_agent.mqtt.codec import (
     encode_subscribe,
     encode_varint,
 )
-from tests.unit.test_link_paho import _client
+from tests.paho_fake import connected_client
 
-_PAHO, _ = _client(paho.Client)
+_PAHO, _ = connected_client(paho.Client)
 
 
 def _paho_varint(value: int) -> bytes:
@@ -106,7 +106,7 @@ def test_varint_out_of_range(value: int) -> None:
 @settings(deadline=None, max_examples=150)
 @given(topic=_TOPIC_TEXT, payload=_PAYLOAD, qos=st.sampled_from([0, 1]), retain=st.booleans())
 def test_publish_frames_are_pahos(topic: str, payload: bytes, qos: int, retain: bool) -> None:
-    client, sock = _client(paho.Client)
+    client, sock = connected_client(paho.Client)
     mid = client.publish(topic, payload, qos, retain).mid
     client.loop_write()
     framed = encode_publish(topic.encode(), payload, mid, qos=qos, retain=retain)
@@ -199,7 +199,7 @@ def test_connect_minimal_bytes_by_hand() -> None:
 def test_connect_is_pahos(
     clean_start: bool, session_expiry_s: int, receive_maximum: int | None, will: Will | None
 ) -> None:
-    client, sock = _client(paho.Client)
+    client, sock = connected_client(paho.Client)
     client._client_id = b"dev-9"
     client._clean_start = clean_start
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -248,7 +248,7 @@ def test_will_rejects_bad_fields(topic: str, qos: int, match: str) -> None:
 
 
 def test_small_packets_are_pahos() -> None:
-    client, sock = _client(paho.Client)
+    client, sock = connected_client(paho.Client)
     mid = client.subscribe("bl/v1/dev-1/down/#", 1)[1]
     assert mid is not None
     client._send_puback(7)
@@ -261,7 +261,7 @@ def test_small_packets_are_pahos() -> None:
         encode_pingreq(),
         encode_disconnect(),
     ]
-    client, sock = _client(paho.Client)
+    client, sock = connected_client(paho.Client)
     client.disconnect(ReasonCode(PacketTypes.DISCONNECT, identifier=4))
     client.loop_write()
     assert sock.out == [encode_disconnect(4)]
