@@ -18,9 +18,9 @@ MQTT 5 client over the sans-IO codec in `edge_agent.mqtt.codec`):
    overdue past `publish_timeout_s` counted as failures); each downlink is verified
    against the gateway's certificate as it is read, receipted seqs are deleted from the
    outbox, and only then is the downlink acknowledged to the broker. A PUBACK never
-   deletes anything; a PUBACK with a failure reason code (e.g.
-   135 not authorized) is counted and logged and the message stays for a resend.
-   Rejected downlinks are counted by reason and never stop the link.
+   deletes anything; a PUBACK with a failure reason code (e.g. 135 not authorized) is
+   counted and logged and the message stays for a resend. Rejected downlinks are
+   counted by reason and never stop the link.
 4. On connection loss: reconnect after a capped exponential backoff with full jitter.
 5. On `request_stop()`: publish the held will (offline) ourselves, then disconnect.
    If the task is cancelled instead, the connection is cut without DISCONNECT so the

@@ -143,6 +143,7 @@ class MqttConnection(asyncio.Protocol):
         self._keepalive_s = options.keepalive_s
         self._keepalive: asyncio.TimerHandle | None = None
         self._last_write = 0.0
+        self._last_read = 0.0
         self._ping_sent_at: float | None = None
         #: What the broker allows in flight at once (CONNACK's receive maximum).
         self.receive_maximum = 65535
@@ -208,9 +209,7 @@ class MqttConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Cut the connection without DISCONNECT, as a crash or lost signal would: the
         broker publishes the will."""
-        self._finish(ConnectionLost("connection cut"))
-        if self._transport is not None:
-            self._transport.abort()
+        self.abort_with(ConnectionLost("connection cut"))
 
     # -- publishing and subscribing ----------------------------------------------
     def publish(self, topic: bytes, payload: bytes, *, retain: bool = False) -> int:
@@ -277,13 +276,16 @@ class MqttConnection(asyncio.Protocol):
             self._keepalive = self._loop.call_later(self._keepalive_s / 2, self._tick)
 
     def _tick(self) -> None:
-        """Every half keepalive: a PINGREQ if nothing was written for that long; the
-        connection is lost if the previous one got no PINGRESP."""
+        """Every half keepalive: a PINGREQ if nothing was written, or nothing read, for
+        that long (a device that keeps publishing into a dead link hears nothing back);
+        the connection is lost if the previous PINGREQ got no PINGRESP."""
         now = self._loop.time()
-        if self._ping_sent_at is not None and now - self._ping_sent_at >= self._keepalive_s / 2:
-            self.abort_with(ConnectionLost(f"no PINGRESP within {self._keepalive_s / 2:g} s"))
-            return
-        if self._ping_sent_at is None and now - self._last_write >= self._keepalive_s / 2:
+        half = self._keepalive_s / 2
+        if self._ping_sent_at is not None:
+            if now - self._ping_sent_at >= half:
+                self.abort_with(ConnectionLost(f"no PINGRESP within {half:g} s"))
+                return
+        elif now - self._last_write >= half or now - self._last_read >= half:
             self._ping_sent_at = now
             self._write(encode_pingreq())
         self._arm_keepalive()
@@ -309,6 +311,7 @@ class MqttConnection(asyncio.Protocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        self._last_read = self._loop.time()
         try:
             packets = self._decoder.feed(data)
         except ProtocolError as exc:

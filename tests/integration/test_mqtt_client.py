@@ -203,6 +203,28 @@ async def test_a_connection_that_goes_bad_ends_with_a_reason(
             conn.publish(b"bl/v1/dev-a/up/telemetry", b"after the end")
 
 
+async def test_a_broker_gone_silent_is_detected_while_publishing(pki: Pki) -> None:
+    """Writes alone do not prove the link is alive: a client that keeps publishing but
+    hears nothing back pings, and drops the connection when no PINGRESP comes."""
+    async with _peer(pki, _script(CONNACK_OK)) as port:
+        conn = await MqttConnection.open(
+            "localhost", port, client_context(pki, pki.require_identity("dev-a")),
+            _options("dev-a", keepalive_s=1, timeout_s=2),
+        )
+
+        async def keep_publishing() -> None:
+            while True:  # until publish() raises: the connection has ended
+                conn.publish(b"bl/v1/dev-a/up/telemetry", b"into the void")
+                await asyncio.sleep(0.05)
+
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="the connection is closed"):
+            await asyncio.wait_for(keep_publishing(), 5)
+        assert time.monotonic() - started < 3
+        with pytest.raises(ConnectionLost, match="no PINGRESP"):
+            await conn.wait_closed()
+
+
 # -- helpers --------------------------------------------------------------------------------
 
 
