@@ -84,8 +84,7 @@ class CutProxy:
     While cut, every relayed connection is dropped and the port stops listening, so a
     device's reconnect attempts are refused at once (as when its link is down) and it
     backs off; `restore()` listens again on the same port, so devices keep their broker
-    address. (Refusing the TCP connection, rather than accepting and dropping it, also
-    spares paho-mqtt an SSL socket it would leak when the TLS handshake fails.)"""
+    address."""
 
     def __init__(self, host: str, port: int, *, name: str = "proxy") -> None:
         self.host, self.target_port, self.name = host, port, name
