@@ -25,16 +25,12 @@ from tests.helpers import MosquittoProcess
 pytestmark = pytest.mark.integration
 
 
-def _options(client_id: str, **kw: object) -> ConnectOptions:
-    return ConnectOptions(client_id=client_id, **kw)  # type: ignore[arg-type]
-
-
 async def test_publishes_are_acknowledged_and_an_acl_refusal_has_its_reason(
     pki: Pki, broker: MosquittoProcess
 ) -> None:
     acks: list[tuple[int, int]] = []
     conn = await MqttConnection.open(
-        "localhost", broker.port, client_context(pki, pki.require_identity("dev-a")), _options("dev-a"),
+        "localhost", broker.port, client_context(pki, pki.require_identity("dev-a")), ConnectOptions("dev-a"),
         on_puback=lambda mid, reason: acks.append((mid, reason)),
     )
     try:
@@ -58,7 +54,7 @@ async def test_publishes_are_acknowledged_and_an_acl_refusal_has_its_reason(
 async def test_a_downlink_is_acknowledged_only_after_its_handler_returns(pki: Pki, broker: MosquittoProcess) -> None:
     down = str(Topic.down("dev-b", "cmd"))
     tls = client_context(pki, pki.require_identity("dev-b"))
-    options = _options("dev-b", session_expiry_s=300)
+    options = ConnectOptions("dev-b", session_expiry_s=300)
     got: list[bytes] = []
 
     def failing(_topic: str, _payload: bytes) -> None:
@@ -91,7 +87,8 @@ async def test_a_downlink_is_acknowledged_only_after_its_handler_returns(pki: Pk
 
 async def test_an_idle_connection_is_kept_up_by_pings(pki: Pki, broker: MosquittoProcess) -> None:
     conn = await MqttConnection.open(
-        "localhost", broker.port, client_context(pki, pki.require_identity("dev-a")), _options("dev-a", keepalive_s=2)
+        "localhost", broker.port, client_context(pki, pki.require_identity("dev-a")),
+        ConnectOptions("dev-a", keepalive_s=2),
     )
     await asyncio.sleep(4.5)  # past 1.5 x keepalive: the broker would have dropped a silent client
     assert conn.is_open
@@ -106,7 +103,7 @@ async def test_a_certificate_from_another_ca_is_refused(pki: Pki, broker: Mosqui
     tls = ssl.create_default_context(cafile=str(pki.ca_bundle))  # it trusts the broker
     tls.load_cert_chain(str(stranger.chain), str(stranger.key))
     with pytest.raises(ConnectionLost, match=r"cannot connect|closed before CONNACK"):
-        await MqttConnection.open("localhost", broker.port, tls, _options("dev-a", timeout_s=5))
+        await MqttConnection.open("localhost", broker.port, tls, ConnectOptions("dev-a", timeout_s=5))
 
 
 # -- a scripted TLS peer ------------------------------------------------------------------
@@ -175,7 +172,8 @@ async def test_connect_failures_say_what_happened(
     async with _peer(pki, _script(*replies)) as port:
         with pytest.raises(error, match=match):
             await MqttConnection.open(
-                "localhost", port, client_context(pki, pki.require_identity("dev-a")), _options("dev-a", timeout_s=1)
+                "localhost", port, client_context(pki, pki.require_identity("dev-a")),
+                ConnectOptions("dev-a", timeout_s=1),
             )
 
 
@@ -193,7 +191,7 @@ async def test_a_connection_that_goes_bad_ends_with_a_reason(
     async with _peer(pki, _script(*replies)) as port:
         conn = await MqttConnection.open(
             "localhost", port, client_context(pki, pki.require_identity("dev-a")),
-            _options("dev-a", keepalive_s=keepalive, timeout_s=2),
+            ConnectOptions("dev-a", keepalive_s=keepalive, timeout_s=2),
         )
         started = time.monotonic()
         with pytest.raises(ConnectionLost, match=match):
@@ -209,7 +207,7 @@ async def test_a_broker_gone_silent_is_detected_while_publishing(pki: Pki) -> No
     async with _peer(pki, _script(CONNACK_OK)) as port:
         conn = await MqttConnection.open(
             "localhost", port, client_context(pki, pki.require_identity("dev-a")),
-            _options("dev-a", keepalive_s=1, timeout_s=2),
+            ConnectOptions("dev-a", keepalive_s=1, timeout_s=2),
         )
 
         async def keep_publishing() -> None:
