@@ -338,10 +338,11 @@ class MqttConnection(asyncio.Protocol):
 
     def _on_puback(self, ack: PubAck) -> None:
         mid = ack.packet_id
-        self._in_use.discard(mid)
         if mid in self._waiters:
             self._answered(mid, ack)
-        elif self.on_puback is not None:
+            return
+        self._in_use.discard(mid)
+        if self.on_puback is not None:
             self.on_puback(mid, ack.reason)
 
     def _answered(self, mid: int, ack: PubAck | SubAck) -> None:
@@ -366,8 +367,6 @@ class MqttConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._gone.done():
             self._gone.set_result(None)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
         if not self._connack.done():
             self._finish(ConnectionLost(f"closed before CONNACK: {exc or 'by the broker'}"))
         else:
